@@ -1,0 +1,53 @@
+"""Shared test helpers. The scripts are single files by design; tests load them by path."""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "disable")  # headless: no GLFW window system warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    """Imports a top-level script as a module (its main loop sits behind `if __name__ == "__main__"`)."""
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name, args, cwd, timeout=600):
+    """Runs a script in a subprocess from `cwd` (so its runs/ lands there) and returns the CompletedProcess."""
+    env = dict(os.environ, MUJOCO_GL="disable")
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_scalars(run_dir):
+    """All scalars of a run's tensorboard events: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def only_run_dir(cwd):
+    dirs = glob.glob(os.path.join(cwd, "runs", "*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def has_envpool():
+    try:
+        import envpool  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+BACKENDS = ["dm_control", pytest.param("envpool", marks=pytest.mark.skipif(not has_envpool(), reason="envpool not installed"))]

@@ -1,0 +1,212 @@
+"""ppo_gaussian.py and the shared skeleton: math, environments, bad input, end to end."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BACKENDS, has_envpool, load_script, only_run_dir, read_scalars, run_script
+
+pg = load_script("ppo_gaussian.py")
+TINY = ["--num-envs", "2", "--unroll-length", "8", "--batch-size", "2", "--num-minibatches", "8", "--update-epochs", "1",
+        "--num-eval-envs", "2", "--eval-every", "1024"]
+
+
+# ---------------------------------------------------------------- math
+def test_gae_hand_computed_without_masks():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 2.0]])
+    zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
+    adv, target = pg.compute_gae(rewards, values, zeros, ones, gamma=0.5, gae_lambda=0.5)
+    # deltas: 1 + .5*1 - .5 = 1; 2 + .5*1.5 - 1 = 1.75; 3 + .5*2 - 1.5 = 2.5
+    # A2 = 2.5; A1 = 1.75 + .25*2.5 = 2.375; A0 = 1 + .25*2.375 = 1.59375
+    torch.testing.assert_close(adv, torch.tensor([[1.59375, 2.375, 2.5]]))
+    torch.testing.assert_close(target, torch.tensor([[2.09375, 3.375, 4.0]]))
+
+
+def test_gae_masked_step_is_zero_and_cuts_the_recursion():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.ones(1, 4)
+    mask = torch.tensor([[1.0, 0.0, 1.0]])  # step 1 ends an episode by truncation (or is EnvPool's reset step)
+    adv, target = pg.compute_gae(rewards, values, torch.zeros(1, 3), mask, gamma=0.5, gae_lambda=0.5)
+    # deltas: .5, (masked) 0, 2.5; A2 = 2.5; A1 = 0; A0 = .5 + .25*A1 = .5 (nothing from step 2 leaks through)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 2.5]]))
+    torch.testing.assert_close(target[0, 1], values[0, 1])  # zero value error at the masked step
+
+
+def test_gae_termination_cuts_bootstrap():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.ones(1, 4)
+    terminated = torch.tensor([[0.0, 0.0, 1.0]])
+    adv, _ = pg.compute_gae(rewards, values, terminated, torch.ones(1, 3), gamma=0.5, gae_lambda=0.5)
+    # deltas: .5, 1.5, 3 - 1 = 2 (no bootstrap); A1 = 1.5 + .25*2 = 2; A0 = .5 + .25*2 = 1
+    torch.testing.assert_close(adv, torch.tensor([[1.0, 2.0, 2.0]]))
+
+
+def test_normalizer_merging_equals_one_pass():
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(1000, 5)) * np.array([1, 10, 0.1, 1, 100])
+    rms = pg.RunningMeanStd(5)
+    for chunk in np.split(data, [1, 7, 300, 301, 650]):
+        rms.update(torch.as_tensor(chunk))
+    np.testing.assert_allclose(rms.mean.numpy(), data.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(rms.var.numpy(), data.var(0), rtol=1e-10)
+    assert rms.count.item() == 1000
+    normalized = rms(torch.as_tensor(data)).numpy()
+    np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(normalized.std(0), 1, atol=1e-5)
+
+
+def test_normalizer_is_identity_before_any_data_and_saved_with_model():
+    rms = pg.RunningMeanStd(3)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(rms(x), x)
+    assert set(rms.state_dict()) == {"mean", "var", "count"}
+
+
+def test_gaussian_head_scale_bounds_and_logprob_of_pre_tanh_sample():
+    agent = pg.Agent(5, 3)
+    with torch.no_grad():
+        agent.actor[-1].bias[3:] = torch.tensor([-100.0, 0.0, 100.0])
+        agent.actor[-1].weight.zero_()
+    dist = agent.get_dist(torch.randn(7, 5))
+    torch.testing.assert_close(dist.scale[0], torch.tensor([1e-3, float(np.log(2.0)) + 1e-3, 10.0]))
+    u, logp, env_action = agent.act(torch.randn(7, 5))
+    torch.testing.assert_close(env_action, torch.tanh(u))
+    torch.testing.assert_close(logp, dist.log_prob(u).sum(-1))
+
+
+# ---------------------------------------------------------------- environments
+def test_task_ids_come_from_dm_control():
+    from dm_control import suite
+
+    ids = pg.dmc_task_ids()
+    assert len(ids) == len(suite.ALL_TASKS)  # the CamelCase map loses no task
+    assert ids["HopperStand"] == ("hopper", "stand")
+    assert ids["FingerTurnHard"] == ("finger", "turn_hard")
+    assert ids["BallInCupCatch"] == ("ball_in_cup", "catch")
+    for paper_task in ["CheetahRun", "FingerSpin", "FingerTurnHard", "FishSwim", "HopperStand", "WalkerWalk"]:
+        assert paper_task in ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("env_id,obs_dim,action_dim", [("CheetahRun", 17, 6), ("HopperStand", 15, 4), ("Hopper-v5", 11, 3)])
+def test_backend_shapes(backend, env_id, obs_dim, action_dim):
+    envs = pg.VecEnv(env_id, backend, 3, seed=0)
+    obs = envs.reset()
+    assert obs.shape == (3, obs_dim) and obs.dtype == np.float32
+    assert envs.action_dim == action_dim
+    obs, reward, terminated, truncated, valid, _ = envs.step(np.zeros((3, action_dim), np.float32))
+    assert obs.shape == (3, obs_dim) and reward.shape == terminated.shape == truncated.shape == valid.shape == (3,)
+    envs.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_episode_end_is_truncation_and_envpool_reset_step_is_invalid(backend):
+    envs = pg.VecEnv("CartpoleBalance", backend, 2, seed=0)
+    envs.reset()
+    zero = np.zeros((2, 1), np.float32)
+    for t in range(999):
+        _, _, terminated, truncated, valid, finished = envs.step(zero)
+        assert not truncated.any() and not terminated.any() and valid.all() and len(finished[0]) == 0
+    _, _, terminated, truncated, valid, (returns, lengths) = envs.step(zero)
+    assert truncated.all() and not terminated.any() and valid.all()
+    assert list(lengths) == [1000, 1000] and (returns > 0).all()
+    _, reward, _, truncated, valid, _ = envs.step(zero)
+    if backend == "envpool":  # the step after an episode end is a reset whose action is ignored
+        assert not valid.any() and (reward == 0).all()
+    else:  # SAME_STEP autoreset: the episode end already returned the new first observation
+        assert valid.all()
+    envs.close()
+
+
+@pytest.mark.skipif(not has_envpool(), reason="envpool not installed")
+def test_backends_match_statistically_on_an_open_loop_policy():
+    """A fixed open-loop action sequence (the same for every env) on both backends: the returns differ only
+    through the random initial states, so their means must agree within sampling error."""
+    n = 24
+    actions = np.sin(0.05 * np.arange(1000)[:, None] * np.arange(1, 7)[None, :]).astype(np.float32)
+    returns = {}
+    for backend in ["dm_control", "envpool"]:
+        envs = pg.VecEnv("CheetahRun", backend, n, seed=123)
+        envs.reset()
+        for t in range(1000):
+            _, _, _, _, _, (ended, _) = envs.step(np.repeat(actions[t : t + 1], n, 0))
+        returns[backend] = ended
+        envs.close()
+    a, b = returns["dm_control"], returns["envpool"]
+    assert len(a) == len(b) == n
+    standard_error = np.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
+    # 4 standard errors (p < 1e-4 under equal means), plus 2% of the mean for float differences between ports.
+    assert abs(a.mean() - b.mean()) < 4 * standard_error + 0.02 * abs(a.mean()), (a.mean(), b.mean(), standard_error)
+    assert a.std() > 0 and b.std() > 0  # the initial states are random on both
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,message", [
+    (["--env-id", "CheetaRun"], "did you mean CheetahRun"),
+    (["--env-id", "NoSuchTask"], "unknown --env-id"),
+    (["--env-id", "CheetahRun", "--total-timesteps", "1000"], "smaller than one iteration"),
+    (["--env-id", "CheetahRun", "--num-envs", "0"], "--num-envs must be positive"),
+    (["--env-id", "CheetahRun", "--batch-size", "-4"], "--batch-size must be positive"),
+    (["--env-id", "CheetahRun", "--num-envs", "3", "--batch-size", "4", "--num-minibatches", "2"], "multiple of --num-envs"),
+    (["--env-id", "CheetahRun", "--ent-coef", "-0.1"], "--ent-coef must be non-negative"),
+    (["--env-id", "CheetahRun", "--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--eval-checkpoint", "does-not-exist.cleanrl_model"], "cannot read checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    r = run_script("ppo_gaussian.py", args, tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_checkpoint_from_another_script_is_refused(tmp_path):
+    path = tmp_path / "other.cleanrl_model"
+    torch.save({"script": "gorl_ppo_fm.py", "args": {}}, path)
+    r = run_script("ppo_gaussian.py", ["--eval-checkpoint", str(path)], tmp_path, timeout=120)
+    assert r.returncode == 2 and "written by gorl_ppo_fm.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(has_envpool(), reason="envpool is installed here")
+def test_missing_envpool_is_one_line(tmp_path):
+    r = run_script("ppo_gaussian.py", ["--env-id", "CheetahRun", "--env-backend", "envpool"], tmp_path, timeout=120)
+    assert r.returncode == 2 and "envpool is not installed" in r.stderr
+
+
+@pytest.mark.skipif(not has_envpool(), reason="envpool not installed")
+def test_envpool_without_the_task_is_one_line(tmp_path):
+    r = run_script("ppo_gaussian.py", ["--env-id", "HumanoidCmuStand", "--env-backend", "envpool"], tmp_path, timeout=120)
+    assert r.returncode == 2 and "envpool has no task" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_with_the_iteration(tmp_path):
+    r = run_script("ppo_gaussian.py", ["--env-id", "CartpoleBalance", "--env-backend", "dm_control", *TINY, "--total-timesteps", "1280",
+                                       "--reward-scale", "1e30"], tmp_path, timeout=300)
+    assert r.returncode == 1 and re.search(r"non-finite loss at iteration \d+", r.stderr), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_end_to_end_logs_saves_and_reloads(tmp_path, backend):
+    # 2 envs x 1024 steps: every env finishes one 1000-step episode, so charts/episodic_return is logged.
+    r = run_script("ppo_gaussian.py", ["--env-id", "CheetahRun", "--env-backend", backend, *TINY, "--total-timesteps", "2048", "--save-model"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"backend {backend}" in r.stdout
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    for key in ["charts/SPS", "charts/episodic_return", "charts/episodic_length", "eval/episodic_return", "losses/value_loss",
+                "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance"]:
+        assert key in scalars, (key, sorted(scalars))
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [0, 1024, 2048]
+    assert scalars["charts/episodic_length"][0][1] == 1000
+    final_eval = scalars["eval/episodic_return"][-1][1]
+
+    model = os.path.join(run_dir, "ppo_gaussian.cleanrl_model")
+    r = run_script("ppo_gaussian.py", ["--eval-checkpoint", model], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reloaded = float(re.search(r"eval/episodic_return=([-\d.e+]+)", r.stdout).group(1))
+    assert reloaded == pytest.approx(final_eval, rel=1e-5, abs=1e-4)
