@@ -249,15 +249,15 @@ def mlp(sizes):
 
 
 @torch.no_grad()
-def evaluate(policy, obs_rms, env_id, backend, num_envs, seed, device, video_folder=None):
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
     """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
-    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps normalized
-    observations to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
+    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
     envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
     obs = envs.reset()
     returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     while not done.all():
-        action = policy(obs_rms(torch.as_tensor(obs, device=device))).cpu().numpy()
+        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
         obs, reward, terminated, truncated, valid, _ = envs.step(action)
         returns += reward * ~done
         done |= terminated | truncated
@@ -336,7 +336,7 @@ if __name__ == "__main__":
         obs_rms.load_state_dict(checkpoint["obs_rms"])
         agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
         agent.load_state_dict(checkpoint["agent"])
-        mean, std = evaluate(lambda x: agent.act(x, deterministic=True)[2], obs_rms, saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), deterministic=True)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
         sys.exit(0)
 
@@ -378,7 +378,7 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
-        mean, std = evaluate(lambda x: agent.act(x, deterministic=True)[2], obs_rms, args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), deterministic=True)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
         writer.add_scalar("eval/episodic_return", mean, global_step)
         writer.add_scalar("eval/episodic_return_std", std, global_step)
         return mean
