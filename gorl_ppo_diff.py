@@ -1,0 +1,727 @@
+# GoRL with a PPO encoder and a diffusion decoder (paper Sec. 3, App. E; SPEC.md 3-4), CleanRL style.
+# gorl_ppo_fm.py with only the decoder changed. PPO trains a Gaussian latent policy z ~ pi(z|s) (the encoder); the environment
+# receives tanh(g(s, z)), where the decoder g is frozen during a stage and refit between stages from a fixed
+# N(0, I) prior on data collected by the stage's encoder.
+import copy
+import difflib
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gorl-clean"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record env 0 of every evaluation to `videos/` (dm_control backend; needs `pip install moviepy`)"""
+    save_model: bool = False
+    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    eval_checkpoint: Optional[str] = None
+    """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+
+    env_id: str = "HopperStand"
+    """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
+    env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    total_timesteps: int = 180_000_000
+    """total environment steps of training (evaluation steps are not counted)"""
+    num_envs: int = 2048
+    """the number of parallel training environments"""
+    unroll_length: int = 30
+    """the length of one trajectory segment; GAE runs within a segment"""
+    batch_size: int = 1024
+    """the number of segments in one minibatch"""
+    num_minibatches: int = 32
+    """the number of minibatches per epoch; one iteration collects num_minibatches * batch_size * unroll_length steps"""
+    update_epochs: int = 16
+    """the number of passes over the iteration's segments"""
+    learning_rate: float = 1e-3
+    """the learning rate of the encoder's optimizer in stage 0 (constant within a stage)"""
+    learning_rate_later: float = 3e-4
+    """the learning rate of the encoder's optimizer in stages 1, 2, ... (release: 3e-4 in stage 1, 1e-4 after)"""
+    gamma: float = 0.995
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    clip_coef: float = 0.15
+    """the surrogate clipping coefficient in stage 0"""
+    clip_coef_later: float = 0.15
+    """the surrogate clipping coefficient in stages 1, 2, ..."""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
+    vf_coef: float = 0.25
+    """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
+    max_grad_norm: float = 0.5
+    """the maximum global norm for gradient clipping; 0 disables it"""
+    reward_scale: float = 10.0
+    """rewards are multiplied by this before GAE"""
+    eval_every: int = 6_000_000
+    """evaluate every this many environment steps (and at the start and the end)"""
+    num_eval_envs: int = 128
+    """the number of evaluation episodes, one per fresh environment"""
+
+    stage_weights: Tuple[float, ...] = (2, 2, 1, 1)
+    """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
+    beta: float = 1e-3
+    """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) (paper Eq. 3)"""
+    encoder_reset: Literal["prior", "fresh", "none"] = "prior"
+    """at each stage start: `prior` sets the latent policy to N(0, I) (critic kept), `fresh` re-initializes actor and critic, `none` keeps training the encoder"""
+    refine_episodes: int = 4096
+    """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
+    refine_num_envs: int = 64
+    """the number of parallel environments collecting the refinement episodes"""
+    refine_from: Literal["best", "last"] = "best"
+    """which encoder of the stage collects the refinement data: the best-evaluated one (released code) or the last (paper text)"""
+    refine_input: Literal["prior", "latent"] = "prior"
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the encoder's collected z (ablation Sec. 4.3.1)"""
+    decoder_epochs: int = 50
+    """passes over the refinement training split per refit"""
+    decoder_batch_size: int = 8192
+    """actions per decoder minibatch (each with 8 noise samples)"""
+    decoder_lr: float = 3e-4
+    """the learning rate of the decoder's Adam optimizer"""
+    decoder_hidden: int = 64
+    """the width of the decoder's 4 hidden layers"""
+    decoder_checkpoint: Optional[str] = None
+    """start stage 0 from the last decoder of a model saved by this script on the same task, instead of the identity"""
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+    try:
+        import envpool
+
+        has_task = (f"{env_id}-v1" if env_id in dmc else env_id) in envpool.list_all_envs()
+    except ImportError:
+        envpool, has_task = None, False
+    if backend == "auto":
+        return "envpool" if has_task else "dm_control"
+    if backend == "envpool" and envpool is None:
+        fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
+    if backend == "envpool" and not has_task:
+        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
+    return backend
+
+
+class VecEnv:
+    """`num_envs` copies of one task behind one small interface, for either backend.
+
+    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
+    both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
+    DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
+    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1).
+    """
+
+    def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
+        dmc = dmc_task_ids()
+        self.backend, self.num_envs, self.seed = backend, num_envs, seed
+        if backend == "envpool":
+            import envpool
+
+            self.envs = envpool.make(f"{env_id}-v1" if env_id in dmc else env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            action_space = self.envs.action_space
+        else:
+            name = env_id
+            if env_id in dmc:
+                import shimmy
+
+                gym.register_envs(shimmy)
+                name = "dm_control/{}-{}-v0".format(*dmc[env_id])
+
+            def thunk(i):
+                def make():
+                    if video_folder is not None and i == 0:
+                        env = gym.make(name, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
+                    return gym.make(name)
+
+                return make
+
+            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
+            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            action_space = self.envs.single_action_space
+        if not isinstance(action_space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
+        self.action_dim = int(np.prod(action_space.shape))
+        self.action_low, self.action_high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def flatten(obs):
+        if isinstance(obs, dict):
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in sorted(obs)], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+    def reset(self):
+        if self.backend == "envpool":
+            obs, _ = self.envs.reset()
+        else:
+            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
+        self.episode_return[:], self.episode_length[:] = 0, 0
+        return self.flatten(obs)
+
+    def step(self, action):
+        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        action = self.action_low + 0.5 * (np.asarray(action, dtype=np.float32) + 1.0) * (self.action_high - self.action_low)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward = np.asarray(reward, dtype=np.float32) * valid
+        done = np.logical_or(terminated, truncated)
+        self.episode_return += reward
+        self.episode_length += valid
+        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        self.episode_return[done], self.episode_length[done] = 0, 0
+        return self.flatten(obs), reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+
+    def close(self):
+        self.envs.close()
+
+
+class RunningMeanStd(nn.Module):
+    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
+    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
+    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.reshape(-1, self.mean.shape[-1]).double()
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean.add_(delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x):
+        std = self.var.sqrt().clamp(1e-6, 1e6)
+        return ((x - self.mean) / std).float()
+
+
+def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
+    """GAE over segments. rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
+
+    Within a segment the next observation of step t is the observation of step t + 1, except at an episode
+    end, and exactly those steps (truncation, EnvPool reset) have mask 0: their advantage and value error are
+    zeroed and the recursion does not cross them. Termination cuts the bootstrap as usual.
+    Returns (advantages, value targets), both [B, T]."""
+    not_terminated = 1.0 - terminated
+    deltas = (rewards + gamma * not_terminated * values[:, 1:] - values[:, :-1]) * mask
+    advantages = torch.zeros_like(deltas)
+    last = torch.zeros_like(deltas[:, 0])
+    for t in reversed(range(deltas.shape[1])):
+        last = deltas[:, t] + gamma * gae_lambda * not_terminated[:, t] * mask[:, t] * last
+        advantages[:, t] = last
+    return advantages, advantages + values[:, :-1]
+
+
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
+    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
+    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
+    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
+    obs = envs.reset()
+    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    while not done.all():
+        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, valid, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminated | truncated
+    envs.close()
+    return float(returns.mean()), float(returns.std())
+
+
+def load_checkpoint(path):
+    """Loads a model saved by this script, refusing one written by another script."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"cannot read checkpoint {path!r}: {e}")
+    script = os.path.basename(__file__)
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+    return checkpoint
+
+
+def check_args(args):
+    """Refuses impossible settings with one line before anything expensive starts."""
+    for name in ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every", "num_eval_envs"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_rate", "clip_coef", "reward_scale"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["ent_coef", "vf_coef", "max_grad_norm"]:
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
+        fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of --num-envs ({args.num_envs}), so every env contributes whole segments")
+    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
+    if args.total_timesteps < steps_per_iteration:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
+
+
+def check_gorl_args(args, steps_per_iteration):
+    """GoRL's own settings, refused with one line like the rest. Returns the iterations of each stage."""
+    if not args.beta >= 0:
+        fail(f"--beta must be non-negative, got {args.beta}")
+    if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
+        fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
+    for name in ["learning_rate_later", "clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_epochs", "decoder_batch_size", "decoder_hidden"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
+        fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+    stage_iterations = [int(args.total_timesteps * w / sum(args.stage_weights)) // steps_per_iteration for w in args.stage_weights]
+    if min(stage_iterations) < 1:
+        fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage less than one iteration ({steps_per_iteration} steps)")
+    return stage_iterations
+
+
+def kl_to_prior(dist):
+    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), per sample: the penalty of paper
+    Eq. 3 that keeps the latents where the decoder was trained. (The released code uses coef * (mean mu^2 + mean
+    sigma^2) instead; we follow the paper's equation.)"""
+    return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
+
+
+class Agent(nn.Module):
+    """Actor 4x32 and critic 5x256 SiLU MLPs on normalized observations (SPEC.md 1)."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.critic = mlp([obs_dim, 256, 256, 256, 256, 256, 1])
+        self.actor = mlp([obs_dim, 32, 32, 32, 32, 2 * action_dim])
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def get_dist(self, x):
+        """Gaussian over the pre-tanh action u; the environment receives tanh(u). The tanh Jacobian cancels in
+        the PPO ratio, so log-probabilities are of u."""
+        mean, raw_scale = self.actor(x).chunk(2, dim=-1)
+        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0))
+
+    def act(self, x, deterministic=False):
+        """Returns (u, log-prob of u, environment action in [-1, 1])."""
+        dist = self.get_dist(x)
+        u = dist.mean if deterministic else dist.sample()
+        return u, dist.log_prob(u).sum(-1), torch.tanh(u)
+
+
+def reset_encoder(agent, mode, obs_dim, action_dim):
+    """The encoder at a stage start (paper Sec. 3). `prior`: a freshly initialized actor whose last layer makes the
+    latent policy exactly N(0, I) for any observation (mean 0; scale softplus(b) + 1e-3 = 1), critic kept.
+    `fresh`: actor and critic re-initialized (released FM code). `none`: the previous encoder (ablation 4.3.2)."""
+    if mode == "none":
+        return agent
+    new = Agent(obs_dim, action_dim).to(next(agent.parameters()).device)
+    if mode == "fresh":
+        return new
+    agent.actor = new.actor
+    with torch.no_grad():
+        agent.actor[-1].weight.zero_()
+        agent.actor[-1].bias[:action_dim] = 0.0
+        agent.actor[-1].bias[action_dim:] = float(np.log(np.expm1(1.0 - 1e-3)))
+    return agent
+
+
+class Decoder(nn.Module):
+    """Diffusion decoder a = g(s, z) (paper Sec. 3.2): epsilon prediction with alpha_bar(t) = 1e-3 + 0.999 (1 - t) on
+    t in {0.1, ..., 1}, decoded by deterministic DDIM (eta 0) from x_1 = z in 10 steps. A DDIM step from t to t - 0.1 is
+    x' = r x + c eps_hat, the identity when eps_hat = (1 - r) / c * x; the network predicts the correction f to that,
+    eps_hat = (1 - r) / c * x + f, so a step is x <- x + c f, and its zero last layer makes a fresh decoder exactly the
+    identity (release "epsilon_delta"). f is the network output times 0.25. Observations are normalized with the
+    statistics of its own training data, stored with it."""
+
+    num_steps = 10
+
+    def __init__(self, obs_dim, action_dim, hidden):
+        super().__init__()
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.net = mlp([obs_dim + action_dim + 8, hidden, hidden, hidden, hidden, action_dim])
+        nn.init.zeros_(self.net[-1].weight)
+
+    def correction(self, s, x, t):
+        """t: [B, 1]; time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
+        tk = t * 2.0 ** torch.arange(4, device=x.device)
+        return 0.25 * self.net(torch.cat([s, x, torch.cos(tk), torch.sin(tk)], dim=-1))
+
+    def ddim_coefficients(self, t):
+        """r and c of the DDIM step from t to t - 0.1."""
+        alpha_bar, alpha_bar_next = 1e-3 + 0.999 * (1 - t), 1e-3 + 0.999 * (1 - (t - 1.0 / self.num_steps))
+        r = (alpha_bar_next / alpha_bar).sqrt()
+        return r, (1 - alpha_bar_next).clamp(min=0).sqrt() - r * (1 - alpha_bar).sqrt()
+
+    def forward(self, obs, z):
+        """Decodes a batch: x = z at t = 1, then x <- x + c(t) f(s, x, t) at t = 1.0, 0.9, ..., 0.1."""
+        s, x = (obs - self.obs_mean) / self.obs_std, z
+        for k in range(self.num_steps):
+            t = torch.full_like(x[:, :1], 1.0 - k / self.num_steps)
+            x = x + self.ddim_coefficients(t)[1] * self.correction(s, x, t)
+        return x
+
+    def loss(self, obs, action, noise, u):
+        """Per sample: a step t in {0.1, ..., 1} from u ~ U(0, 1), x_t = sqrt(ab) a + sqrt(1 - ab) noise, and
+        f regressed onto noise - (1 - r) / c * x_t, the correction that makes eps_hat the true noise."""
+        s = (obs - self.obs_mean) / self.obs_std
+        t = (u * self.num_steps).ceil().clamp(1, self.num_steps) / self.num_steps
+        alpha_bar = 1e-3 + 0.999 * (1 - t)
+        x_t = alpha_bar.sqrt() * action + (1 - alpha_bar).sqrt() * noise
+        r, c = self.ddim_coefficients(t)
+        return ((self.correction(s, x_t, t) - (noise - (1 - r) / c * x_t)) ** 2).mean(-1)
+
+
+@torch.no_grad()
+def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, seed, device):
+    """Runs the stage's encoder (z sampled, not its mean) through the stage's decoder until `num_episodes` episodes
+    have ended. `policy` maps raw observations to (z, pre-tanh action). Returns (obs, action, z, episode id) of the
+    valid steps of finished episodes, the finished episodes' returns, and the env steps taken."""
+    envs = VecEnv(env_id, backend, num_envs, seed)
+    next_obs = envs.reset()
+    episode, next_episode = np.arange(num_envs), num_envs
+    steps, episode_ids, valids, finished, returns = [], [], [], [], []
+    while len(returns) < num_episodes:
+        obs = torch.as_tensor(next_obs, device=device)
+        z, action = policy(obs)
+        next_obs, _, terminated, truncated, valid, (ended_returns, _) = envs.step(torch.tanh(action).cpu().numpy())
+        steps.append((obs, action, z))
+        episode_ids.append(episode.copy())
+        valids.append(valid)
+        done = terminated | truncated
+        finished.extend(episode[done])
+        returns.extend(ended_returns)
+        episode[done] = next_episode + np.arange(done.sum())
+        next_episode += int(done.sum())
+    envs.close()
+    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), finished)).reshape(-1), device=device)
+    obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*steps))
+    episode_id = torch.as_tensor(np.stack(episode_ids).reshape(-1), device=device)[keep]
+    return (obs, action, z, episode_id), np.array(returns), len(steps) * num_envs
+
+
+def fit_decoder(data, args, device):
+    """Trains a new decoder from scratch on the refinement data (paper Eq. 4). Its inputs are fresh prior noise
+    eps ~ N(0, I) for every sample, never the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1).
+    8 (noise, t) samples per action; targets are the pre-tanh actions clipped to +-3. 10% of the episodes are held
+    out, and the decoder with the lowest validation loss (fixed noise, after every epoch) is kept.
+    Returns (decoder, last epoch's train loss, best validation loss)."""
+    obs, action, z, episode_id = data
+    action, samples = action.clamp(-3.0, 3.0), 8
+    episodes = episode_id.unique()
+    val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
+    is_val = torch.isin(episode_id, val_episodes)
+    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:65536]
+    decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
+    decoder.obs_mean.copy_(obs[train_idx].mean(0))
+    decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+
+    def batch(idx):
+        a = action[idx].repeat_interleave(samples, 0)
+        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(samples, 0)
+        return obs[idx].repeat_interleave(samples, 0), a, noise, torch.rand_like(a[:, :1])
+
+    val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
+    best_val, best_state, train_loss = float("inf"), None, float("nan")
+    for epoch in range(args.decoder_epochs):
+        perm = train_idx[torch.randperm(len(train_idx), device=device)]
+        losses = []
+        for start in range(0, len(perm), args.decoder_batch_size):
+            loss = decoder.loss(*batch(perm[start : start + args.decoder_batch_size])).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        with torch.no_grad():
+            val_loss = float(torch.cat([decoder.loss(*(x[i : i + 65536] for x in val_batch)) for i in range(0, len(val_batch[0]), 65536)]).mean())
+        train_loss = float(torch.stack(losses).mean())
+        if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
+            print(f"error: non-finite decoder loss in refit epoch {epoch + 1}; stopping", file=sys.stderr)
+            sys.exit(1)
+        if val_loss < best_val:
+            best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
+    decoder.load_state_dict(best_state)
+    return decoder, train_loss, best_val
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        saved = Args(**checkpoint["args"])
+        backend = resolve_backend(saved.env_id, checkpoint["backend"])
+        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+        agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+        agent.load_state_dict(checkpoint["agent"])
+        decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], saved.decoder_hidden).to(device)
+        decoder.load_state_dict(checkpoint["decoders"][-1])
+        mean, std = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+        sys.exit(0)
+
+    check_args(args)
+    backend = resolve_backend(args.env_id, args.env_backend)
+    if args.capture_video and backend != "dm_control":
+        fail("--capture-video renders through dm_control; add --env-backend dm_control")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy")
+    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
+    stage_iterations = check_gorl_args(args, steps_per_iteration)
+    num_iterations, stage_ends = sum(stage_iterations), list(np.cumsum(stage_iterations))
+    unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("backend", backend)
+    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps in stages of {stage_iterations}")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
+    next_obs = envs.reset()
+    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_rms = RunningMeanStd(obs_dim).to(device)
+    agent = reset_encoder(Agent(obs_dim, action_dim).to(device), args.encoder_reset, obs_dim, action_dim)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
+    # Stage 0 decodes with the identity (a fresh decoder), or with a saved one (frozen-decoder study, Sec. 4.3.3).
+    decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device)
+    if args.decoder_checkpoint is not None:
+        saved = load_checkpoint(args.decoder_checkpoint)
+        if saved["args"]["env_id"] != args.env_id:
+            fail(f"--decoder-checkpoint {args.decoder_checkpoint!r} was trained on {saved['args']['env_id']}, not {args.env_id}")
+        if saved["args"]["decoder_hidden"] != args.decoder_hidden:
+            fail(f"--decoder-checkpoint {args.decoder_checkpoint!r} has --decoder-hidden {saved['args']['decoder_hidden']}; pass the same")
+        decoder.load_state_dict(saved["decoders"][-1])
+    decoders, stage, refine_steps, best = [copy.deepcopy(decoder.state_dict())], 0, 0, (-float("inf"), None)
+
+    def eval_and_log(global_step):
+        global best
+        video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
+        mean, std = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        writer.add_scalar("eval/episodic_return", mean, global_step)
+        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        if mean > best[0]:  # the stage's best encoder, for --refine-from best
+            best = (mean, copy.deepcopy((agent, obs_rms)))
+        return mean
+
+    # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
+    U, T, N = unrolls_per_iteration, args.unroll_length, args.num_envs
+    obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
+    actions = torch.zeros((U, T, N, action_dim), device=device)
+    logprobs = torch.zeros((U, T, N), device=device)
+    rewards, terminations, masks = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
+
+    global_step, train_time, eval_return, train_return = 0, 0.0, eval_and_log(0), float("nan")
+    next_eval = args.eval_every
+    for iteration in range(1, num_iterations + 1):
+        iteration_start = time.time()
+        clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
+        for u in range(U):
+            for t in range(T):
+                obs[u, t] = torch.as_tensor(next_obs, device=device)
+                with torch.no_grad():  # PPO's action is the latent z; the frozen decoder is part of the environment
+                    actions[u, t], logprobs[u, t], _ = agent.act(obs_rms(obs[u, t]))
+                    env_action = torch.tanh(decoder(obs[u, t], actions[u, t]))
+                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+                rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
+                masks[u, t] = valid & ~truncated
+                if len(ended_returns):
+                    train_return = float(ended_returns.mean())
+                    writer.add_scalar("charts/episodic_return", train_return, global_step + (u * T + t + 1) * N)
+                    writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step + (u * T + t + 1) * N)
+            obs[u, T] = torch.as_tensor(next_obs, device=device)
+        global_step += steps_per_iteration
+
+        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
+        b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
+        b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
+        b_logprobs = logprobs.transpose(1, 2).reshape(U * N, T)
+        b_rewards, b_terminations, b_masks = (torch.as_tensor(x, device=device).transpose(1, 2).reshape(U * N, T) for x in (rewards, terminations, masks))
+
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(U * N, device=device)
+            for start in range(0, U * N, args.batch_size):
+                idx = perm[start : start + args.batch_size]
+                mb_obs, mb_masks = b_obs[idx], b_masks[idx]
+                values = agent.get_value(mb_obs)
+                # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO).
+                with torch.no_grad():
+                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_masks, args.gamma, args.gae_lambda)
+                    # Normalize over the unmasked steps only, and keep the masked ones at zero.
+                    n_valid = mb_masks.sum().clamp(min=2)
+                    adv_mean = advantages.sum() / n_valid
+                    adv_std = (((advantages - adv_mean) * mb_masks) ** 2).sum().div(n_valid - 1).sqrt()
+                    advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mb_masks
+
+                dist = agent.get_dist(mb_obs[:, :-1])
+                logratio = dist.log_prob(b_actions[idx]).sum(-1) - b_logprobs[idx]
+                ratio = logratio.exp()
+                pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+                v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
+                entropy = dist.entropy().sum(-1).mean()
+                latent_kl = kl_to_prior(dist).mean()
+                loss = pg_loss + v_loss - args.ent_coef * entropy + args.beta * latent_kl
+
+                optimizer.zero_grad()
+                loss.backward()
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+                    target_mean = (v_targets * mb_masks).sum() / n_valid
+                    target_var = (((v_targets - target_mean) * mb_masks) ** 2).sum() / n_valid
+                    residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
+                    explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
+                    stats.append(torch.stack([loss, pg_loss, v_loss, entropy, approx_kl, clipfrac, explained_var, latent_kl, dist.mean.mean(), dist.scale.mean()]))
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", SPEC.md 1).
+        obs_rms.update(obs[:, :T])
+
+        stats = torch.stack(stats)  # one device-to-host copy per iteration
+        if not torch.isfinite(stats[:, :3]).all():
+            bad = int((~torch.isfinite(stats[:, :3]).all(1)).nonzero()[0])
+            print(f"error: non-finite loss at iteration {iteration} (epoch {bad // args.num_minibatches + 1}, minibatch {bad % args.num_minibatches + 1}); stopping", file=sys.stderr)
+            sys.exit(1)
+        stats = stats.mean(0).tolist()
+        names = ["losses/" + n for n in ["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"]]
+        for name, value in zip(names + ["gorl/latent_kl", "gorl/latent_mean", "gorl/latent_std"], stats):
+            writer.add_scalar(name, value, global_step)
+        writer.add_scalar("gorl/stage", stage, global_step)
+        train_time += time.time() - iteration_start
+        sps = int(global_step / train_time)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+
+        if global_step >= next_eval or iteration in stage_ends:  # GoRL also evaluates at every stage end
+            eval_return = eval_and_log(global_step)
+            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+        if iteration in stage_ends[:-1]:
+            # Decoder refinement (paper Alg. 1): collect with the stage's encoder and decoder, fit a new decoder
+            # from the fixed prior, then restart the encoder against it. These env steps are not in global_step.
+            encoder, rms = best[1] if args.refine_from == "best" else (agent, obs_rms)
+
+            def refine_policy(x):
+                z = encoder.act(rms(x))[0]
+                return z, decoder(x, z)
+
+            refine_start = time.time()
+            data, refine_returns, steps = collect_refinement_data(refine_policy, args.env_id, backend, args.refine_num_envs, args.refine_episodes, args.seed + 200_000 + stage, device)
+            refine_steps += steps
+            decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
+            decoders.append(copy.deepcopy(decoder.state_dict()))
+            writer.add_scalar("gorl/refine_return", float(refine_returns.mean()), global_step)
+            writer.add_scalar("gorl/refine_steps", refine_steps, global_step)
+            writer.add_scalar("decoder/train_loss", decoder_train_loss, global_step)
+            writer.add_scalar("decoder/val_loss", decoder_val_loss, global_step)
+            stage += 1
+            agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
+            if args.encoder_reset != "none":  # a new encoder starts with a fresh optimizer state
+                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate_later, eps=1e-8)
+            optimizer.param_groups[0]["lr"] = args.learning_rate_later
+            best = (-float("inf"), None)
+            # The new decoder with the restarted encoder, before any PPO update: what the refit alone gives.
+            refit_return = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device)[0]
+            writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
+            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), "
+                  f"decoder loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} ({time.time() - refine_start:.0f}s)")
+        eta = (num_iterations - iteration) * train_time / iteration
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+
+    envs.close()
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
+                    "agent": agent.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
