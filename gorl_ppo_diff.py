@@ -317,7 +317,7 @@ def check_args(args):
     for name in ["learning_rate", "clip_coef", "reward_scale"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["ent_coef", "vf_coef", "max_grad_norm"]:
+    for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):

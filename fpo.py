@@ -1,0 +1,514 @@
+# Flow Policy Optimization (FPO, McAllister et al. 2025), a generative-policy baseline of GoRL (paper Table 1, "FPO").
+# A copy of ppo_gaussian.py whose actor is a flow-matching policy; PPO's likelihood ratio is replaced by the
+# exponentiated difference of conditional flow-matching losses at stored (eps, t) samples (SPEC.md 5; upstream
+# akanazawa/fpo, playground/src/flow_policy/fpo.py).
+import difflib
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gorl-clean"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record env 0 of every evaluation to `videos/` (dm_control backend; needs `pip install moviepy`)"""
+    save_model: bool = False
+    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    eval_checkpoint: Optional[str] = None
+    """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+
+    env_id: str = "HopperStand"
+    """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
+    env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    total_timesteps: int = 180_000_000
+    """total environment steps of training (evaluation steps are not counted)"""
+    num_envs: int = 2048
+    """the number of parallel training environments"""
+    unroll_length: int = 30
+    """the length of one trajectory segment; GAE runs within a segment"""
+    batch_size: int = 1024
+    """the number of segments in one minibatch"""
+    num_minibatches: int = 32
+    """the number of minibatches per epoch; one iteration collects num_minibatches * batch_size * unroll_length steps"""
+    update_epochs: int = 16
+    """the number of passes over the iteration's segments"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer (constant)"""
+    gamma: float = 0.995
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    clip_coef: float = 0.05
+    """the surrogate clipping coefficient"""
+    vf_coef: float = 0.25
+    """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
+    max_grad_norm: float = 0.0
+    """the maximum global norm for gradient clipping; 0 disables it"""
+    reward_scale: float = 10.0
+    """rewards are multiplied by this before GAE"""
+    eval_every: int = 6_000_000
+    """evaluate every this many environment steps (and at the start and the end)"""
+    num_eval_envs: int = 128
+    """the number of evaluation episodes, one per fresh environment"""
+
+    flow_steps: int = 10
+    """Euler steps of the flow from x_1 ~ N(0, I) to the pre-tanh action x_0"""
+    samples_per_action: int = 8
+    """(eps, t) pairs stored per action; the ratio uses their CFM losses"""
+    average_losses_before_exp: bool = True
+    """ratio exp(mean L_old - mean L_new) over the samples (upstream default); off: one clipped ratio per sample"""
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+    try:
+        import envpool
+
+        has_task = (f"{env_id}-v1" if env_id in dmc else env_id) in envpool.list_all_envs()
+    except ImportError:
+        envpool, has_task = None, False
+    if backend == "auto":
+        return "envpool" if has_task else "dm_control"
+    if backend == "envpool" and envpool is None:
+        fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
+    if backend == "envpool" and not has_task:
+        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
+    return backend
+
+
+class VecEnv:
+    """`num_envs` copies of one task behind one small interface, for either backend.
+
+    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
+    both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
+    DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
+    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1).
+    """
+
+    def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
+        dmc = dmc_task_ids()
+        self.backend, self.num_envs, self.seed = backend, num_envs, seed
+        if backend == "envpool":
+            import envpool
+
+            self.envs = envpool.make(f"{env_id}-v1" if env_id in dmc else env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            action_space = self.envs.action_space
+        else:
+            name = env_id
+            if env_id in dmc:
+                import shimmy
+
+                gym.register_envs(shimmy)
+                name = "dm_control/{}-{}-v0".format(*dmc[env_id])
+
+            def thunk(i):
+                def make():
+                    if video_folder is not None and i == 0:
+                        env = gym.make(name, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
+                    return gym.make(name)
+
+                return make
+
+            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
+            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            action_space = self.envs.single_action_space
+        if not isinstance(action_space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
+        self.action_dim = int(np.prod(action_space.shape))
+        self.action_low, self.action_high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def flatten(obs):
+        if isinstance(obs, dict):
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in sorted(obs)], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+    def reset(self):
+        if self.backend == "envpool":
+            obs, _ = self.envs.reset()
+        else:
+            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
+        self.episode_return[:], self.episode_length[:] = 0, 0
+        return self.flatten(obs)
+
+    def step(self, action):
+        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        action = self.action_low + 0.5 * (np.asarray(action, dtype=np.float32) + 1.0) * (self.action_high - self.action_low)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward = np.asarray(reward, dtype=np.float32) * valid
+        done = np.logical_or(terminated, truncated)
+        self.episode_return += reward
+        self.episode_length += valid
+        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        self.episode_return[done], self.episode_length[done] = 0, 0
+        return self.flatten(obs), reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+
+    def close(self):
+        self.envs.close()
+
+
+class RunningMeanStd(nn.Module):
+    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
+    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
+    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.reshape(-1, self.mean.shape[-1]).double()
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean.add_(delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x):
+        std = self.var.sqrt().clamp(1e-6, 1e6)
+        return ((x - self.mean) / std).float()
+
+
+def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
+    """GAE over segments. rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
+
+    Within a segment the next observation of step t is the observation of step t + 1, except at an episode
+    end, and exactly those steps (truncation, EnvPool reset) have mask 0: their advantage and value error are
+    zeroed and the recursion does not cross them. Termination cuts the bootstrap as usual.
+    Returns (advantages, value targets), both [B, T]."""
+    not_terminated = 1.0 - terminated
+    deltas = (rewards + gamma * not_terminated * values[:, 1:] - values[:, :-1]) * mask
+    advantages = torch.zeros_like(deltas)
+    last = torch.zeros_like(deltas[:, 0])
+    for t in reversed(range(deltas.shape[1])):
+        last = deltas[:, t] + gamma * gae_lambda * not_terminated[:, t] * mask[:, t] * last
+        advantages[:, t] = last
+    return advantages, advantages + values[:, :-1]
+
+
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
+    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
+    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
+    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
+    obs = envs.reset()
+    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    while not done.all():
+        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, valid, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminated | truncated
+    envs.close()
+    return float(returns.mean()), float(returns.std())
+
+
+def load_checkpoint(path):
+    """Loads a model saved by this script, refusing one written by another script."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"cannot read checkpoint {path!r}: {e}")
+    script = os.path.basename(__file__)
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+    return checkpoint
+
+
+def check_args(args):
+    """Refuses impossible settings with one line before anything expensive starts."""
+    for name in ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every", "num_eval_envs"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_rate", "clip_coef", "reward_scale"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if not (args.flow_steps > 0 and args.samples_per_action > 0):
+        fail(f"--flow-steps and --samples-per-action must be positive, got {args.flow_steps} and {args.samples_per_action}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
+        fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of --num-envs ({args.num_envs}), so every env contributes whole segments")
+    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
+    if args.total_timesteps < steps_per_iteration:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
+
+
+class Agent(nn.Module):
+    """Flow actor 4x32 (inputs [obs_norm, x_t, temb(t)], output times 0.25) and critic 5x256, SiLU MLPs (SPEC.md 5)."""
+
+    def __init__(self, obs_dim, action_dim, flow_steps, samples_per_action):
+        super().__init__()
+        self.critic = mlp([obs_dim, 256, 256, 256, 256, 256, 1])
+        self.actor = mlp([obs_dim + action_dim + 8, 32, 32, 32, 32, action_dim])
+        self.flow_steps, self.samples_per_action = flow_steps, samples_per_action
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def velocity(self, x, x_t, t):
+        """v(s, x_t, t) ~ eps - a; time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
+        tk = t * 2.0 ** torch.arange(4, device=x.device)
+        return 0.25 * self.actor(torch.cat([x, x_t, torch.cos(tk), torch.sin(tk)], dim=-1))
+
+    def cfm_loss(self, x, a, eps, t):
+        """Per-sample CFM loss, mode "u_but_supervise_as_eps": x_t = t eps + (1 - t) a, x1_pred = x_t + (1 - t) v,
+        L = mean_d (eps - x1_pred)^2. x: [..., D], a: [..., A], eps: [..., S, A], t: [..., S, 1]; returns [..., S]."""
+        x_t = t * eps + (1 - t) * a.unsqueeze(-2)
+        v = self.velocity(x.unsqueeze(-2).expand(*t.shape[:-1], x.shape[-1]), x_t, t)
+        return ((eps - (x_t + (1 - t) * v)) ** 2).mean(-1)
+
+    def act(self, x, generator=None):
+        """Samples x_1 ~ N(0, I) and integrates x <- x - v / K at t = 1, ..., 1/K to the pre-tanh action u. Also draws
+        the (eps, t) pairs PPO will reuse, t from the schedule {1/K, ..., 1}, with their CFM losses under the current
+        parameters. A flow has no tractable mean, so evaluation samples too (with a fixed-seed generator).
+        Returns (u, (eps, t, losses), environment action in [-1, 1])."""
+        u = torch.randn(x.shape[0], self.actor[-1].out_features, device=x.device, generator=generator)
+        for k in range(self.flow_steps):
+            u = u - self.velocity(x, u, torch.full_like(u[:, :1], 1.0 - k / self.flow_steps)) / self.flow_steps
+        eps = torch.randn(x.shape[0], self.samples_per_action, u.shape[1], device=x.device, generator=generator)
+        t = torch.randint(1, self.flow_steps + 1, (x.shape[0], self.samples_per_action, 1), device=x.device, generator=generator) / self.flow_steps
+        return u, (eps, t, self.cfm_loss(x, u, eps, t)), torch.tanh(u)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        saved = Args(**checkpoint["args"])
+        backend = resolve_backend(saved.env_id, checkpoint["backend"])
+        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+        agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved.flow_steps, saved.samples_per_action).to(device)
+        agent.load_state_dict(checkpoint["agent"])
+        generator = torch.Generator(device).manual_seed(saved.seed + 100_000)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+        sys.exit(0)
+
+    check_args(args)
+    backend = resolve_backend(args.env_id, args.env_backend)
+    if args.capture_video and backend != "dm_control":
+        fail("--capture-video renders through dm_control; add --env-backend dm_control")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy")
+    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
+    num_iterations = args.total_timesteps // steps_per_iteration
+    unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("backend", backend)
+    writer.add_text("eval", "FPO evaluation samples x_1 ~ N(0, I) (fixed seed), as upstream: a flow policy has no tractable mean")
+    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
+    next_obs = envs.reset()
+    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_rms = RunningMeanStd(obs_dim).to(device)
+    agent = Agent(obs_dim, action_dim, args.flow_steps, args.samples_per_action).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
+
+    def eval_and_log(global_step):
+        video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
+        generator = torch.Generator(device).manual_seed(args.seed + 100_000)  # the same evaluation noise every time
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        writer.add_scalar("eval/episodic_return", mean, global_step)
+        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        return mean
+
+    # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
+    U, T, N = unrolls_per_iteration, args.unroll_length, args.num_envs
+    obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
+    actions = torch.zeros((U, T, N, action_dim), device=device)
+    S = args.samples_per_action  # per action: S stored (eps, t) pairs and their CFM losses under the rollout parameters
+    cfm_eps, cfm_t, old_losses = torch.zeros((U, T, N, S, action_dim), device=device), torch.zeros((U, T, N, S, 1), device=device), torch.zeros((U, T, N, S), device=device)
+    rewards, terminations, masks = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
+
+    global_step, train_time, eval_return, train_return = 0, 0.0, eval_and_log(0), float("nan")
+    next_eval = args.eval_every
+    for iteration in range(1, num_iterations + 1):
+        iteration_start = time.time()
+        for u in range(U):
+            for t in range(T):
+                obs[u, t] = torch.as_tensor(next_obs, device=device)
+                with torch.no_grad():
+                    actions[u, t], (cfm_eps[u, t], cfm_t[u, t], old_losses[u, t]), env_action = agent.act(obs_rms(obs[u, t]))
+                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+                rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
+                masks[u, t] = valid & ~truncated
+                if len(ended_returns):
+                    train_return = float(ended_returns.mean())
+                    writer.add_scalar("charts/episodic_return", train_return, global_step + (u * T + t + 1) * N)
+                    writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step + (u * T + t + 1) * N)
+            obs[u, T] = torch.as_tensor(next_obs, device=device)
+        global_step += steps_per_iteration
+
+        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
+        b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
+        b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
+        b_eps, b_t = cfm_eps.transpose(1, 2).reshape(U * N, T, S, action_dim), cfm_t.transpose(1, 2).reshape(U * N, T, S, 1)
+        b_old_losses = old_losses.transpose(1, 2).reshape(U * N, T, S)
+        b_rewards, b_terminations, b_masks = (torch.as_tensor(x, device=device).transpose(1, 2).reshape(U * N, T) for x in (rewards, terminations, masks))
+
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(U * N, device=device)
+            for start in range(0, U * N, args.batch_size):
+                idx = perm[start : start + args.batch_size]
+                mb_obs, mb_masks = b_obs[idx], b_masks[idx]
+                values = agent.get_value(mb_obs)
+                # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO).
+                with torch.no_grad():
+                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_masks, args.gamma, args.gae_lambda)
+                    # Normalize over the unmasked steps only, and keep the masked ones at zero.
+                    n_valid = mb_masks.sum().clamp(min=2)
+                    adv_mean = advantages.sum() / n_valid
+                    adv_std = (((advantages - adv_mean) * mb_masks) ** 2).sum().div(n_valid - 1).sqrt()
+                    advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mb_masks
+
+                new_losses = agent.cfm_loss(mb_obs[:, :-1], b_actions[idx], b_eps[idx], b_t[idx])
+                if args.average_losses_before_exp:  # one ratio per transition: exp(mean_S L_old - mean_S L_new)
+                    logratio = b_old_losses[idx].mean(-1) - new_losses.mean(-1)
+                else:  # one ratio per (eps, t) sample, its log clipped to +-3 as upstream; the surrogate averages them
+                    logratio, advantages = (b_old_losses[idx] - new_losses).clamp(-3.0, 3.0), advantages.unsqueeze(-1)
+                ratio = logratio.exp()
+                pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
+                cfm = new_losses.mean()  # logged in place of an entropy: FPO has no entropy term
+                loss = pg_loss + v_loss
+
+                optimizer.zero_grad()
+                loss.backward()
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                    target_mean = (v_targets * mb_masks).sum() / n_valid
+                    target_var = (((v_targets - target_mean) * mb_masks) ** 2).sum() / n_valid
+                    residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
+                    explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
+                    stats.append(torch.stack([loss, pg_loss, v_loss, cfm, approx_kl, clipfrac, explained_var]))
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", SPEC.md 1).
+        obs_rms.update(obs[:, :T])
+
+        stats = torch.stack(stats)  # one device-to-host copy per iteration
+        if not torch.isfinite(stats[:, :3]).all():
+            bad = int((~torch.isfinite(stats[:, :3]).all(1)).nonzero()[0])
+            print(f"error: non-finite loss at iteration {iteration} (epoch {bad // args.num_minibatches + 1}, minibatch {bad % args.num_minibatches + 1}); stopping", file=sys.stderr)
+            sys.exit(1)
+        stats = stats.mean(0).tolist()
+        for name, value in zip(["loss", "policy_loss", "value_loss", "cfm_loss", "approx_kl", "clipfrac", "explained_variance"], stats):
+            writer.add_scalar(f"losses/{name}", value, global_step)
+        train_time += time.time() - iteration_start
+        sps = int(global_step / train_time)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+
+        if global_step >= next_eval or iteration == num_iterations:
+            eval_return = eval_and_log(global_step)
+            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+        eta = (num_iterations - iteration) * train_time / iteration
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+
+    envs.close()
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
+                    "agent": agent.state_dict(), "obs_rms": obs_rms.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
