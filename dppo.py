@@ -296,8 +296,6 @@ def check_args(args):
     for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if not (args.denoising_steps > 0 and args.min_std > 0 and 0 < args.gamma_denoising <= 1):
-        fail(f"--denoising-steps and --min-std must be positive and --gamma-denoising in (0, 1], got {args.denoising_steps}, {args.min_std} and {args.gamma_denoising}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
@@ -382,6 +380,8 @@ if __name__ == "__main__":
         sys.exit(0)
 
     check_args(args)
+    if not (args.denoising_steps > 0 and args.min_std > 0 and 0 < args.gamma_denoising <= 1):
+        fail(f"--denoising-steps and --min-std must be positive and --gamma-denoising in (0, 1], got {args.denoising_steps}, {args.min_std} and {args.gamma_denoising}")
     backend = resolve_backend(args.env_id, args.env_backend)
     if args.capture_video and backend != "dm_control":
         fail("--capture-video renders through dm_control; add --env-backend dm_control")
