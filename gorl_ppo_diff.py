@@ -1,7 +1,5 @@
-# GoRL with a PPO encoder and a diffusion decoder (paper Sec. 3, App. E; SPEC.md 3-4), CleanRL style.
-# gorl_ppo_fm.py with only the decoder changed. PPO trains a Gaussian latent policy z ~ pi(z|s) (the encoder); the environment
-# receives tanh(g(s, z)), where the decoder g is frozen during a stage and refit between stages from a fixed
-# N(0, I) prior on data collected by the stage's encoder.
+# GoRL with a PPO encoder and a diffusion decoder (paper Sec. 3, App. E; SPEC.md 3-4): gorl_ppo_fm.py with only the
+# decoder changed. PPO trains z ~ pi(z|s); the env receives tanh(g(s, z)), g frozen in a stage and refit from N(0, I).
 import copy
 import difflib
 import logging
@@ -700,10 +698,8 @@ if __name__ == "__main__":
             refine_steps += steps
             decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
             decoders.append(copy.deepcopy(decoder.state_dict()))
-            writer.add_scalar("gorl/refine_return", float(refine_returns.mean()), global_step)
-            writer.add_scalar("gorl/refine_steps", refine_steps, global_step)
-            writer.add_scalar("decoder/train_loss", decoder_train_loss, global_step)
-            writer.add_scalar("decoder/val_loss", decoder_val_loss, global_step)
+            for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
+                writer.add_scalar(name, float(value), global_step)
             stage += 1
             agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
             if args.encoder_reset != "none":  # a new encoder starts with a fresh optimizer state
