@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, load_script, only_run_dir, read_scalars, run_script
+from conftest import BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 SCRIPTS = ["gorl_ppo_fm.py", "gorl_ppo_diff.py"]
 MODULES = {name: load_script(name) for name in SCRIPTS}
@@ -132,30 +132,30 @@ def test_refit_conditions_on_the_observation(script):
     (["--refine-episodes", "8", "--refine-num-envs", "64"], "smaller than the refit batch"),
     (["--decoder-epochs", "0"], "--decoder-epochs must be positive"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, script, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, script, args, message):
     name, _ = script
-    r = run_script(name, ["--env-id", "CheetahRun", *args], tmp_path, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    code, out, err = run_inprocess(name, ["--env-id", "CheetahRun", *args], tmp_path, capsys, monkeypatch)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
 
 
-def test_empty_stage_weights_is_refused(tmp_path, script):
+def test_empty_stage_weights_is_refused(tmp_path, capsys, monkeypatch, script):
     name, _ = script
-    r = run_script(name, ["--env-id", "CheetahRun", "--stage-weights"], tmp_path, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    code, out, err = run_inprocess(name, ["--env-id", "CheetahRun", "--stage-weights"], tmp_path, capsys, monkeypatch)
+    assert code == 2, err
 
 
-def test_decoder_checkpoint_from_another_script_or_task_is_refused(tmp_path, script):
+def test_decoder_checkpoint_from_another_script_or_task_is_refused(tmp_path, capsys, monkeypatch, script):
     name, _ = script
     other = tmp_path / "ppo.cleanrl_model"
     torch.save({"script": "ppo_gaussian.py", "args": {"env_id": "CheetahRun"}}, other)
-    r = run_script(name, ["--env-id", "CheetahRun", "--decoder-checkpoint", str(other), *TINY, "--total-timesteps", "256", "--stage-weights", "1"], tmp_path, timeout=120)
-    assert r.returncode == 2 and "written by ppo_gaussian.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, out, err = run_inprocess(name, ["--env-id", "CheetahRun", "--decoder-checkpoint", str(other), *TINY, "--total-timesteps", "256", "--stage-weights", "1"], tmp_path, capsys, monkeypatch)
+    assert code == 2 and "written by ppo_gaussian.py" in err and len(err.strip().splitlines()) == 1, err
     same_script_other_task = tmp_path / "walker.cleanrl_model"
     torch.save({"script": name, "args": {"env_id": "WalkerWalk", "decoder_hidden": 64}, "decoders": []}, same_script_other_task)
-    r = run_script(name, ["--env-id", "CheetahRun", "--decoder-checkpoint", str(same_script_other_task), *TINY, "--total-timesteps", "256", "--stage-weights", "1"], tmp_path, timeout=120)
-    assert r.returncode == 2 and "trained on WalkerWalk" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, out, err = run_inprocess(name, ["--env-id", "CheetahRun", "--decoder-checkpoint", str(same_script_other_task), *TINY, "--total-timesteps", "256", "--stage-weights", "1"], tmp_path, capsys, monkeypatch)
+    assert code == 2 and "trained on WalkerWalk" in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------- end to end

@@ -21,10 +21,10 @@ def test_ppo_gaussian_learns_cartpole_balance(tmp_path):
 
 
 # GoRL, CPU-sized: stage 0 is the PPO run above for 300k steps (same clip, no gradient clipping, latent policy
-# starting at N(0, I), identity decoder), then one refit on 32 episodes and a short stage 1.
+# starting at N(0, I), identity decoder): 78 iterations (299,520 steps), one refit on 32 episodes, 2 more iterations.
 GORL_ARGS = ["--env-id", "CartpoleBalance", "--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8",
-             "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--total-timesteps", "360000",
-             "--stage-weights", "5", "1", "--eval-every", "100000", "--num-eval-envs", "16", "--refine-episodes", "32", "--refine-num-envs", "16",
+             "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--total-timesteps", "307200",
+             "--stage-weights", "78", "2", "--eval-every", "100000", "--num-eval-envs", "16", "--refine-episodes", "32", "--refine-num-envs", "16",
              "--decoder-batch-size", "1024"]
 
 
