@@ -150,7 +150,9 @@ class VecEnv:
     Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
     both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
     DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
-    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1).
+    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1). After a step,
+    `final_obs` is the returned obs except where an episode just ended: there it is the observation the episode
+    ended in (what an off-policy target bootstraps from at a time limit), not the next episode's first one.
     """
 
     def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
@@ -213,7 +215,15 @@ class VecEnv:
         self.episode_length += valid
         finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
         self.episode_return[done], self.episode_length[done] = 0, 0
-        return self.flatten(obs), reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+        # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
+        # returns the next episode's first observation and puts the final one in info.
+        obs = self.final_obs = self.flatten(obs)
+        if self.backend != "envpool" and done.any():
+            self.final_obs = obs.copy()
+            for i in np.flatnonzero(done):
+                last = info["final_obs"][i]
+                self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
+        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
 
     def close(self):
         self.envs.close()
@@ -587,7 +597,7 @@ if __name__ == "__main__":
     global_step, train_time, eval_return, train_return = 0, 0.0, eval_and_log(0), float("nan")
     next_eval = args.eval_every
     for iteration in range(1, num_iterations + 1):
-        iteration_start = time.time()
+        iteration_start, env_time = time.time(), 0.0
         clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
         for u in range(U):
             for t in range(T):
@@ -595,7 +605,9 @@ if __name__ == "__main__":
                 with torch.no_grad():  # PPO's action is the latent z; the frozen decoder is part of the environment
                     actions[u, t], logprobs[u, t], _ = agent.act(obs_rms(obs[u, t]))
                     env_action = torch.tanh(decoder(obs[u, t], actions[u, t]))
-                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+                env_action, env_start = env_action.cpu().numpy(), time.time()
+                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action)
+                env_time += time.time() - env_start
                 rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
                 masks[u, t] = valid & ~truncated
                 if len(ended_returns):
@@ -604,6 +616,7 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step + (u * T + t + 1) * N)
             obs[u, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
+        rollout_time = time.time() - iteration_start
 
         # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
         b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
@@ -663,7 +676,12 @@ if __name__ == "__main__":
         for name, value in zip(names + ["gorl/latent_kl", "gorl/latent_mean", "gorl/latent_std"], stats):
             writer.add_scalar(name, value, global_step)
         writer.add_scalar("gorl/stage", stage, global_step)
-        train_time += time.time() - iteration_start
+        iteration_time = time.time() - iteration_start
+        train_time += iteration_time
+        # Where the iteration's time went: stepping the envs, the rest of the rollout (inference, copies), the update.
+        for name, value in [("env_share", env_time), ("inference_share", rollout_time - env_time), ("update_share", iteration_time - rollout_time)]:
+            writer.add_scalar(f"perf/{name}", value / iteration_time, global_step)
+        writer.add_scalar("perf/rollout_SPS", int(steps_per_iteration / rollout_time), global_step)
         sps = int(global_step / train_time)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)

@@ -1,0 +1,718 @@
+# GoRL with a SAC encoder and a diffusion decoder (paper App. F.2, SPEC.md 7): sac_gaussian.py where SAC acts in latent
+# space. The actor samples z ~ pi(z|s), the critics learn Q(s, z), the env receives tanh(g(s, z)) with g frozen in a stage.
+import copy
+import difflib
+import logging
+import os
+import random
+import sys
+import time
+import types
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gorl-clean"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record env 0 of every evaluation to `videos/` (dm_control backend; needs `pip install moviepy`)"""
+    save_model: bool = False
+    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    eval_checkpoint: Optional[str] = None
+    """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+
+    env_id: str = "Hopper-v5"
+    """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
+    env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    total_timesteps: int = 4_000_000
+    """total environment steps of training (evaluation steps are not counted)"""
+    num_envs: int = 1
+    """the number of parallel training environments"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size (transitions)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing coefficient: target <- tau * online + (1 - tau) * target after every update"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    learning_starts: int = 5_000
+    """env steps of uniformly random actions before learning starts"""
+    policy_lr: float = 3e-4
+    """the learning rate of the policy network optimizer"""
+    q_lr: float = 1e-3
+    """the learning rate of the Q network optimizer (and of the entropy coefficient)"""
+    utd_ratio: float = 20
+    """update-to-data ratio: critic gradient steps per environment step (paper Table 5: 20; below 1 on a CPU budget)"""
+    policy_frequency: int = 2
+    """the actor (and alpha) is updated this many times every this many critic updates (delayed, as TD3 and CleanRL)"""
+    alpha: float = 0.2
+    """entropy regularization coefficient, when not --autotune"""
+    autotune: bool = True
+    """automatic tuning of the entropy coefficient (starting at 1, target entropy -action_dim)"""
+    eval_every: int = 100_000
+    """evaluate every this many environment steps (and at the start and the end)"""
+    num_eval_envs: int = 10
+    """the number of evaluation episodes, one per fresh environment"""
+
+    stage_weights: Tuple[float, ...] = (2, 1, 1)
+    """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); one decoder refit between stages"""
+    beta: float = 1e-3
+    """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) in the actor loss (paper Eq. 3)"""
+    refine_episodes: int = 100
+    """full episodes collected by the stage's actor to refit the decoder (not counted in global_step)"""
+    refine_num_envs: int = 10
+    """the number of parallel environments collecting the refinement episodes"""
+    refine_input: Literal["prior", "latent"] = "prior"
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the actor's collected z (ablation Sec. 4.3.1)"""
+    decoder_epochs: int = 50
+    """passes over the refinement training split per refit"""
+    decoder_batch_size: int = 1024
+    """actions per decoder minibatch (each with 8 noise samples)"""
+    decoder_lr: float = 3e-4
+    """the learning rate of the decoder's Adam optimizer"""
+    decoder_hidden: int = 64
+    """the width of the decoder's 4 hidden layers"""
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+    try:
+        import envpool
+
+        has_task = (f"{env_id}-v1" if env_id in dmc else env_id) in envpool.list_all_envs()
+    except ImportError:
+        envpool, has_task = None, False
+    if backend == "auto":
+        return "envpool" if has_task else "dm_control"
+    if backend == "envpool" and envpool is None:
+        fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
+    if backend == "envpool" and not has_task:
+        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
+    return backend
+
+
+class VecEnv:
+    """`num_envs` copies of one task behind one small interface, for either backend.
+
+    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
+    both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
+    DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
+    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1). After a step,
+    `final_obs` is the returned obs except where an episode just ended: there it is the observation the episode
+    ended in (what an off-policy target bootstraps from at a time limit), not the next episode's first one.
+    """
+
+    def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
+        dmc = dmc_task_ids()
+        self.backend, self.num_envs, self.seed = backend, num_envs, seed
+        if backend == "envpool":
+            import envpool
+
+            self.envs = envpool.make(f"{env_id}-v1" if env_id in dmc else env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            action_space = self.envs.action_space
+        else:
+            name = env_id
+            if env_id in dmc:
+                import shimmy
+
+                gym.register_envs(shimmy)
+                name = "dm_control/{}-{}-v0".format(*dmc[env_id])
+
+            def thunk(i):
+                def make():
+                    if video_folder is not None and i == 0:
+                        env = gym.make(name, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
+                    return gym.make(name)
+
+                return make
+
+            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
+            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            action_space = self.envs.single_action_space
+        if not isinstance(action_space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
+        self.action_dim = int(np.prod(action_space.shape))
+        self.action_low, self.action_high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def flatten(obs):
+        if isinstance(obs, dict):
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in sorted(obs)], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+    def reset(self):
+        if self.backend == "envpool":
+            obs, _ = self.envs.reset()
+        else:
+            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
+        self.episode_return[:], self.episode_length[:] = 0, 0
+        return self.flatten(obs)
+
+    def step(self, action):
+        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        action = self.action_low + 0.5 * (np.asarray(action, dtype=np.float32) + 1.0) * (self.action_high - self.action_low)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward = np.asarray(reward, dtype=np.float32) * valid
+        done = np.logical_or(terminated, truncated)
+        self.episode_return += reward
+        self.episode_length += valid
+        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        self.episode_return[done], self.episode_length[done] = 0, 0
+        # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
+        # returns the next episode's first observation and puts the final one in info.
+        obs = self.final_obs = self.flatten(obs)
+        if self.backend != "envpool" and done.any():
+            self.final_obs = obs.copy()
+            for i in np.flatnonzero(done):
+                last = info["final_obs"][i]
+                self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
+        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+
+    def close(self):
+        self.envs.close()
+
+
+class RunningMeanStd(nn.Module):
+    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
+    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
+    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.reshape(-1, self.mean.shape[-1]).double()
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean.add_(delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x):
+        std = self.var.sqrt().clamp(1e-6, 1e6)
+        return ((x - self.mean) / std).float()
+
+
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
+    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
+    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
+    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
+    obs = envs.reset()
+    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    while not done.all():
+        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, valid, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminated | truncated
+    envs.close()
+    return float(returns.mean()), float(returns.std())
+
+
+def load_checkpoint(path):
+    """Loads a model saved by this script, refusing one written by another script."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"cannot read checkpoint {path!r}: {e}")
+    script = os.path.basename(__file__)
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+    return checkpoint
+
+
+def check_sac_args(args):
+    """Refuses impossible settings with one line before anything expensive starts."""
+    for name in ["total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency", "eval_every", "num_eval_envs"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["policy_lr", "q_lr", "utd_ratio"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not (args.alpha >= 0 and args.learning_starts >= 0):
+        fail(f"--alpha and --learning-starts must be non-negative, got {args.alpha} and {args.learning_starts}")
+    if not (0 < args.gamma <= 1 and 0 < args.tau <= 1):
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
+        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
+
+
+def check_gorl_sac_args(args):
+    """GoRL's own settings, refused with one line like the rest. Returns the env steps of each stage."""
+    if not args.beta >= 0:
+        fail(f"--beta must be non-negative, got {args.beta}")
+    if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
+        fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
+    for name in ["decoder_lr", "refine_episodes", "refine_num_envs", "decoder_epochs", "decoder_batch_size", "decoder_hidden"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
+        fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // args.num_envs * args.num_envs for w in args.stage_weights]
+    if min(stage_steps) <= args.learning_starts:
+        fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage of {min(stage_steps)} steps, not more than --learning-starts {args.learning_starts} (every stage restarts SAC)")
+    return stage_steps
+
+
+def kl_to_prior(dist):
+    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), per sample: the penalty of paper
+    Eq. 3 that keeps the latents where the decoder was trained. (The released code uses coef * (mean mu^2 + mean
+    sigma^2) instead; we follow the paper's equation.)"""
+    return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
+
+
+class SoftQNetwork(nn.Module):
+    """Q(s, u) on the normalized observation and tanh(u), a 256x256 SiLU MLP. It takes the actor's unsquashed u and
+    squashes it itself: SAC's Q(s, a = tanh(u)), and in GoRL a latent critic Q(s, z) with a bounded input (a plain
+    Q(s, z) extrapolates linearly in |z|, and its actor chased z to 1e7 within 3k updates)."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.net = mlp([obs_dim + action_dim, 256, 256, 1])
+
+    def forward(self, x, u):
+        return self.net(torch.cat([x, torch.tanh(u)], -1)).squeeze(-1)
+
+
+LOG_STD_MAX, LOG_STD_MIN = 2, -5
+
+
+class Actor(nn.Module):
+    """A Gaussian over u with log-std squashed into [LOG_STD_MIN, LOG_STD_MAX] (CleanRL), 256x256 SiLU MLP."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.net = mlp([obs_dim, 256, 256, 2 * action_dim])
+
+    def get_dist(self, x):
+        mean, log_std = self.net(x).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        return Normal(mean, log_std.exp())
+
+    def get_action(self, x):
+        """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
+        that of tanh(u), so saturating is penalized (in GoRL too, where u is the latent z fed to the decoder)."""
+        dist = self.get_dist(x)
+        u = dist.rsample()
+        log_prob = (dist.log_prob(u) - torch.log(1 - torch.tanh(u).pow(2) + 1e-6)).sum(-1)  # change of variables through tanh
+        return u, log_prob, dist.mean
+
+
+def make_sac(obs_dim, action_dim, args, device):
+    """A fresh actor, two critics and their targets, their optimizers and the entropy coefficient."""
+    actor, qf1, qf2 = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+    log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device, requires_grad=args.autotune)
+    return types.SimpleNamespace(
+        actor=actor, qf1=qf1, qf2=qf2, qf1_target=copy.deepcopy(qf1), qf2_target=copy.deepcopy(qf2), log_alpha=log_alpha,
+        target_entropy=-float(action_dim), q_optimizer=torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr), a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr))
+
+
+class ReplayBuffer:
+    """Transitions in preallocated device tensors, the oldest overwritten first. Observations are stored raw and
+    normalized when sampled, with the current statistics."""
+
+    def __init__(self, size, obs_dim, action_dim, device):
+        self.obs, self.next_obs = torch.zeros((size, obs_dim), device=device), torch.zeros((size, obs_dim), device=device)
+        self.actions = torch.zeros((size, action_dim), device=device)
+        self.rewards, self.dones = torch.zeros(size, device=device), torch.zeros(size, device=device)
+        self.pos, self.size = 0, 0
+
+    def add(self, obs, action, reward, next_obs, terminated, valid):
+        """Adds one vector step. Only valid steps are kept (not EnvPool's reset steps). `next_obs` must be the
+        observation each episode ended in (VecEnv.final_obs), and done = terminated: a time limit is not a
+        terminal state, so its target still bootstraps from that final observation."""
+        keep = torch.as_tensor(valid, device=obs.device)
+        idx = (self.pos + torch.arange(int(valid.sum()), device=obs.device)) % len(self.obs)
+        self.obs[idx], self.actions[idx] = obs[keep], action[keep]
+        self.next_obs[idx] = torch.as_tensor(next_obs, device=obs.device)[keep]
+        self.rewards[idx] = torch.as_tensor(reward, device=obs.device)[keep]
+        self.dones[idx] = torch.as_tensor(terminated, dtype=torch.float32, device=obs.device)[keep]
+        self.pos, self.size = (self.pos + len(idx)) % len(self.obs), min(self.size + len(idx), len(self.obs))
+
+    def sample(self, batch_size):
+        idx = torch.randint(self.size, (batch_size,), device=self.obs.device)
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+
+
+def soft_update(target, online, tau):
+    """Polyak averaging target <- tau * online + (1 - tau) * target, in place."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), online.parameters()):
+            target_param.lerp_(param, tau)
+
+
+def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
+    """One critic step on a batch (normalized observations), the delayed actor and alpha steps every
+    `policy_frequency` updates, then the target update. Returns (critic stats, actor stats or None)."""
+    with torch.no_grad():
+        next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
+        min_qf_next = torch.min(sac.qf1_target(next_obs, next_actions), sac.qf2_target(next_obs, next_actions)) - sac.log_alpha.exp() * next_log_pi
+        next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
+    qf1_a_values, qf2_a_values = sac.qf1(obs, actions), sac.qf2(obs, actions)
+    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
+    qf_loss = qf1_loss + qf2_loss
+    sac.q_optimizer.zero_grad()
+    qf_loss.backward()
+    sac.q_optimizer.step()
+    q_stats, pi_stats = torch.stack([qf1_a_values.mean(), qf2_a_values.mean(), qf1_loss, qf2_loss, qf_loss / 2]).detach(), None
+
+    if update % args.policy_frequency == 0:
+        for _ in range(args.policy_frequency):
+            pi, log_pi, _ = sac.actor.get_action(obs)
+            alpha = sac.log_alpha.exp().detach()
+            latent_kl = kl_to_prior(sac.actor.get_dist(obs)).mean()
+            actor_loss = (alpha * log_pi - torch.min(sac.qf1(obs, pi), sac.qf2(obs, pi))).mean() + args.beta * latent_kl
+            sac.actor_optimizer.zero_grad()
+            actor_loss.backward()
+            sac.actor_optimizer.step()
+            # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
+            alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
+            if args.autotune:
+                sac.a_optimizer.zero_grad()
+                alpha_loss.backward()
+                sac.a_optimizer.step()
+            pi_stats = torch.stack([actor_loss, alpha, alpha_loss, -log_pi.mean(), latent_kl]).detach()
+    soft_update(sac.qf1_target, sac.qf1, args.tau)
+    soft_update(sac.qf2_target, sac.qf2, args.tau)
+    return q_stats, pi_stats
+
+
+class Decoder(nn.Module):
+    """Diffusion decoder a = g(s, z) (paper Sec. 3.2): epsilon prediction with alpha_bar(t) = 1e-3 + 0.999 (1 - t) on
+    t in {0.1, ..., 1}, decoded by deterministic DDIM (eta 0) from x_1 = z in 10 steps. A DDIM step from t to t - 0.1 is
+    x' = r x + c eps_hat, the identity when eps_hat = (1 - r) / c * x; the network predicts the correction f to that,
+    eps_hat = (1 - r) / c * x + f, so a step is x <- x + c f, and its zero last layer makes a fresh decoder exactly the
+    identity (release "epsilon_delta"). f is the network output times 0.25. Observations are normalized with the
+    statistics of its own training data, stored with it."""
+
+    num_steps = 10
+
+    def __init__(self, obs_dim, action_dim, hidden):
+        super().__init__()
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.net = mlp([obs_dim + action_dim + 8, hidden, hidden, hidden, hidden, action_dim])
+        nn.init.zeros_(self.net[-1].weight)
+
+    def correction(self, s, x, t):
+        """t: [B, 1]; time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
+        tk = t * 2.0 ** torch.arange(4, device=x.device)
+        return 0.25 * self.net(torch.cat([s, x, torch.cos(tk), torch.sin(tk)], dim=-1))
+
+    def ddim_coefficients(self, t):
+        """r and c of the DDIM step from t to t - 0.1."""
+        alpha_bar, alpha_bar_next = 1e-3 + 0.999 * (1 - t), 1e-3 + 0.999 * (1 - (t - 1.0 / self.num_steps))
+        r = (alpha_bar_next / alpha_bar).sqrt()
+        return r, (1 - alpha_bar_next).clamp(min=0).sqrt() - r * (1 - alpha_bar).sqrt()
+
+    def forward(self, obs, z):
+        """Decodes a batch: x = z at t = 1, then x <- x + c(t) f(s, x, t) at t = 1.0, 0.9, ..., 0.1."""
+        s, x = (obs - self.obs_mean) / self.obs_std, z
+        for k in range(self.num_steps):
+            t = torch.full_like(x[:, :1], 1.0 - k / self.num_steps)
+            x = x + self.ddim_coefficients(t)[1] * self.correction(s, x, t)
+        return x
+
+    def loss(self, obs, action, noise, u):
+        """Per sample: a step t in {0.1, ..., 1} from u ~ U(0, 1), x_t = sqrt(ab) a + sqrt(1 - ab) noise, and
+        f regressed onto noise - (1 - r) / c * x_t, the correction that makes eps_hat the true noise."""
+        s = (obs - self.obs_mean) / self.obs_std
+        t = (u * self.num_steps).ceil().clamp(1, self.num_steps) / self.num_steps
+        alpha_bar = 1e-3 + 0.999 * (1 - t)
+        x_t = alpha_bar.sqrt() * action + (1 - alpha_bar).sqrt() * noise
+        r, c = self.ddim_coefficients(t)
+        return ((self.correction(s, x_t, t) - (noise - (1 - r) / c * x_t)) ** 2).mean(-1)
+
+
+@torch.no_grad()
+def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, seed, device):
+    """Runs the stage's encoder (z sampled, not its mean) through the stage's decoder until `num_episodes` episodes
+    have ended. `policy` maps raw observations to (z, pre-tanh action). Returns (obs, action, z, episode id) of the
+    valid steps of finished episodes, the finished episodes' returns, and the env steps taken."""
+    envs = VecEnv(env_id, backend, num_envs, seed)
+    next_obs = envs.reset()
+    episode, next_episode = np.arange(num_envs), num_envs
+    steps, episode_ids, valids, finished, returns = [], [], [], [], []
+    while len(returns) < num_episodes:
+        obs = torch.as_tensor(next_obs, device=device)
+        z, action = policy(obs)
+        next_obs, _, terminated, truncated, valid, (ended_returns, _) = envs.step(torch.tanh(action).cpu().numpy())
+        steps.append((obs, action, z))
+        episode_ids.append(episode.copy())
+        valids.append(valid)
+        done = terminated | truncated
+        finished.extend(episode[done])
+        returns.extend(ended_returns)
+        episode[done] = next_episode + np.arange(done.sum())
+        next_episode += int(done.sum())
+    envs.close()
+    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), finished)).reshape(-1), device=device)
+    obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*steps))
+    episode_id = torch.as_tensor(np.stack(episode_ids).reshape(-1), device=device)[keep]
+    return (obs, action, z, episode_id), np.array(returns), len(steps) * num_envs
+
+
+def fit_decoder(data, args, device):
+    """Trains a new decoder from scratch on the refinement data (paper Eq. 4). Its inputs are fresh prior noise
+    eps ~ N(0, I) for every sample, never the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1).
+    8 (noise, t) samples per action; targets are the pre-tanh actions clipped to +-3. 10% of the episodes are held
+    out, and the decoder with the lowest validation loss (fixed noise, after every epoch) is kept.
+    Returns (decoder, last epoch's train loss, best validation loss)."""
+    obs, action, z, episode_id = data
+    action, samples = action.clamp(-3.0, 3.0), 8
+    episodes = episode_id.unique()
+    val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
+    is_val = torch.isin(episode_id, val_episodes)
+    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:65536]
+    decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
+    decoder.obs_mean.copy_(obs[train_idx].mean(0))
+    decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+
+    def batch(idx):
+        a = action[idx].repeat_interleave(samples, 0)
+        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(samples, 0)
+        return obs[idx].repeat_interleave(samples, 0), a, noise, torch.rand_like(a[:, :1])
+
+    val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
+    best_val, best_state, train_loss = float("inf"), None, float("nan")
+    for epoch in range(args.decoder_epochs):
+        perm = train_idx[torch.randperm(len(train_idx), device=device)]
+        losses = []
+        for start in range(0, len(perm), args.decoder_batch_size):
+            loss = decoder.loss(*batch(perm[start : start + args.decoder_batch_size])).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        with torch.no_grad():
+            val_loss = float(torch.cat([decoder.loss(*(x[i : i + 65536] for x in val_batch)) for i in range(0, len(val_batch[0]), 65536)]).mean())
+        train_loss = float(torch.stack(losses).mean())
+        if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
+            print(f"error: non-finite decoder loss in refit epoch {epoch + 1}; stopping", file=sys.stderr)
+            sys.exit(1)
+        if val_loss < best_val:
+            best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
+    decoder.load_state_dict(best_state)
+    return decoder, train_loss, best_val
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        saved = Args(**checkpoint["args"])
+        backend = resolve_backend(saved.env_id, checkpoint["backend"])
+        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+        actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], saved.decoder_hidden).to(device)
+        decoder.load_state_dict(checkpoint["decoders"][-1])
+        mean, std = evaluate(lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x))[2])), saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+        sys.exit(0)
+
+    check_sac_args(args)
+    backend = resolve_backend(args.env_id, args.env_backend)
+    if args.capture_video and backend != "dm_control":
+        fail("--capture-video renders through dm_control; add --env-backend dm_control")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy")
+    stage_steps = check_gorl_sac_args(args)
+    num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("backend", backend)
+    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step, stages of {stage_steps} steps")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
+    next_obs = envs.reset()
+    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_rms = RunningMeanStd(obs_dim).to(device)
+    sac = make_sac(obs_dim, action_dim, args, device)
+    # Stage 0 decodes with the identity (a fresh decoder); no RL gradient ever reaches a decoder.
+    decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device).requires_grad_(False)
+    decoders, stage, stage_start, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0, 0
+
+    def eval_and_log(global_step):
+        video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
+        mean, std = evaluate(lambda x: torch.tanh(decoder(x, sac.actor.get_action(obs_rms(x))[2])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        writer.add_scalar("eval/episodic_return", mean, global_step)
+        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        return mean
+
+    buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
+    rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+
+    global_step, updates, train_time, eval_return, train_return = 0, 0, 0.0, eval_and_log(0), float("nan")
+    next_eval, q_stats, pi_stats, step_start = args.eval_every, [], [], time.time()
+    for step in range(1, num_steps + 1):
+        obs = torch.as_tensor(next_obs, device=device)
+        if global_step - stage_start < args.learning_starts:  # every stage starts with an empty buffer
+            action = torch.randn((N, action_dim), device=device)  # random latents: the prior N(0, I)
+        else:
+            with torch.no_grad():
+                action = sac.actor.get_action(obs_rms(obs))[0]
+        with torch.no_grad():  # SAC's action is the latent z; the frozen decoder is part of the environment
+            env_action = torch.tanh(decoder(obs, action))
+        next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+        global_step += N
+        if len(ended_returns):
+            train_return = float(ended_returns.mean())
+            writer.add_scalar("charts/episodic_return", train_return, global_step)
+            writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step)
+
+        rb.add(obs, action, reward, envs.final_obs, terminated, valid)
+        if valid.any():
+            obs_rms.update(obs[torch.as_tensor(valid, device=device)])
+
+        if global_step - stage_start >= args.learning_starts:
+            for _ in range(int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)):  # utd_ratio * N on average
+                b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
+                q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
+                updates += 1
+                q_stats.append(q)
+                if pi is not None:
+                    pi_stats.append(pi)
+
+        if global_step // 1000 > (global_step - N) // 1000 or step in stage_ends:  # log every 1000 env steps
+            train_time += time.time() - step_start
+            if q_stats:
+                q, pi = torch.stack(q_stats), torch.stack(pi_stats) if pi_stats else None  # one device-to-host copy
+                if not (torch.isfinite(q).all() and (pi is None or torch.isfinite(pi).all())):
+                    print(f"error: non-finite loss in the {len(q_stats)} updates before global_step {global_step} (updates {updates - len(q_stats) + 1}..{updates}); stopping", file=sys.stderr)
+                    sys.exit(1)
+                for name, value in zip(["qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss"], q.mean(0).tolist()):
+                    writer.add_scalar(f"losses/{name}", value, global_step)
+                for name, value in zip(["losses/actor_loss", "losses/alpha", "losses/alpha_loss", "losses/entropy", "gorl/latent_kl"], pi.mean(0).tolist() if pi is not None else []):
+                    writer.add_scalar(name, value, global_step)
+                q_stats, pi_stats = [], []
+            writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
+            writer.add_scalar("gorl/stage", stage, global_step)
+            if global_step >= next_eval or step in stage_ends:  # GoRL also evaluates at every stage end
+                eval_return = eval_and_log(global_step)
+                next_eval = (global_step // args.eval_every + 1) * args.eval_every
+                eta = (num_steps - step) * train_time / step
+                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            if step in stage_ends[:-1]:
+                # Decoder refinement (paper App. F.2): fresh rollouts of the stage's actor through the stage's decoder,
+                # not the replay buffer, fit a new decoder from the fixed prior; then actor, critics and buffer restart,
+                # since a z stored under the old decoder now means a different action. Refit steps are not in global_step.
+                def refine_policy(x):
+                    z = sac.actor.get_action(obs_rms(x))[0]
+                    return z, decoder(x, z)
+
+                refine_start = time.time()
+                data, refine_returns, steps = collect_refinement_data(refine_policy, args.env_id, backend, args.refine_num_envs, args.refine_episodes, args.seed + 200_000 + stage, device)
+                refine_steps += steps
+                decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
+                decoder.requires_grad_(False)
+                decoders.append(copy.deepcopy(decoder.state_dict()))
+                for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
+                    writer.add_scalar(name, float(value), global_step)
+                stage, stage_start = stage + 1, global_step
+                sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+                # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
+                refit_return = evaluate(lambda x: torch.tanh(decoder(x, sac.actor.get_action(obs_rms(x))[2])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device)[0]
+                writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
+                print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), "
+                      f"decoder loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} ({time.time() - refine_start:.0f}s)")
+            step_start = time.time()
+
+    envs.close()
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
+                    "actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()

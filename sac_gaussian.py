@@ -1,0 +1,523 @@
+# Soft Actor-Critic with a tanh-Gaussian policy: the baseline of GoRL's off-policy variant (paper App. F.2), CleanRL's
+# SAC in this repository's skeleton (SPEC.md 7). Vectorized envs, a device replay buffer, --utd-ratio updates per step.
+import copy
+import difflib
+import logging
+import os
+import random
+import sys
+import time
+import types
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gorl-clean"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record env 0 of every evaluation to `videos/` (dm_control backend; needs `pip install moviepy`)"""
+    save_model: bool = False
+    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    eval_checkpoint: Optional[str] = None
+    """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+
+    env_id: str = "Hopper-v5"
+    """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
+    env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    total_timesteps: int = 4_000_000
+    """total environment steps of training (evaluation steps are not counted)"""
+    num_envs: int = 1
+    """the number of parallel training environments"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size (transitions)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing coefficient: target <- tau * online + (1 - tau) * target after every update"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    learning_starts: int = 5_000
+    """env steps of uniformly random actions before learning starts"""
+    policy_lr: float = 3e-4
+    """the learning rate of the policy network optimizer"""
+    q_lr: float = 1e-3
+    """the learning rate of the Q network optimizer (and of the entropy coefficient)"""
+    utd_ratio: float = 20
+    """update-to-data ratio: critic gradient steps per environment step (paper Table 5: 20; below 1 on a CPU budget)"""
+    policy_frequency: int = 2
+    """the actor (and alpha) is updated this many times every this many critic updates (delayed, as TD3 and CleanRL)"""
+    alpha: float = 0.2
+    """entropy regularization coefficient, when not --autotune"""
+    autotune: bool = True
+    """automatic tuning of the entropy coefficient (starting at 1, target entropy -action_dim)"""
+    eval_every: int = 100_000
+    """evaluate every this many environment steps (and at the start and the end)"""
+    num_eval_envs: int = 10
+    """the number of evaluation episodes, one per fresh environment"""
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+    try:
+        import envpool
+
+        has_task = (f"{env_id}-v1" if env_id in dmc else env_id) in envpool.list_all_envs()
+    except ImportError:
+        envpool, has_task = None, False
+    if backend == "auto":
+        return "envpool" if has_task else "dm_control"
+    if backend == "envpool" and envpool is None:
+        fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
+    if backend == "envpool" and not has_task:
+        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
+    return backend
+
+
+class VecEnv:
+    """`num_envs` copies of one task behind one small interface, for either backend.
+
+    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
+    both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
+    DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
+    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1). After a step,
+    `final_obs` is the returned obs except where an episode just ended: there it is the observation the episode
+    ended in (what an off-policy target bootstraps from at a time limit), not the next episode's first one.
+    """
+
+    def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
+        dmc = dmc_task_ids()
+        self.backend, self.num_envs, self.seed = backend, num_envs, seed
+        if backend == "envpool":
+            import envpool
+
+            self.envs = envpool.make(f"{env_id}-v1" if env_id in dmc else env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            action_space = self.envs.action_space
+        else:
+            name = env_id
+            if env_id in dmc:
+                import shimmy
+
+                gym.register_envs(shimmy)
+                name = "dm_control/{}-{}-v0".format(*dmc[env_id])
+
+            def thunk(i):
+                def make():
+                    if video_folder is not None and i == 0:
+                        env = gym.make(name, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
+                    return gym.make(name)
+
+                return make
+
+            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
+            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            action_space = self.envs.single_action_space
+        if not isinstance(action_space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
+        self.action_dim = int(np.prod(action_space.shape))
+        self.action_low, self.action_high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def flatten(obs):
+        if isinstance(obs, dict):
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in sorted(obs)], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+    def reset(self):
+        if self.backend == "envpool":
+            obs, _ = self.envs.reset()
+        else:
+            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
+        self.episode_return[:], self.episode_length[:] = 0, 0
+        return self.flatten(obs)
+
+    def step(self, action):
+        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        action = self.action_low + 0.5 * (np.asarray(action, dtype=np.float32) + 1.0) * (self.action_high - self.action_low)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward = np.asarray(reward, dtype=np.float32) * valid
+        done = np.logical_or(terminated, truncated)
+        self.episode_return += reward
+        self.episode_length += valid
+        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        self.episode_return[done], self.episode_length[done] = 0, 0
+        # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
+        # returns the next episode's first observation and puts the final one in info.
+        obs = self.final_obs = self.flatten(obs)
+        if self.backend != "envpool" and done.any():
+            self.final_obs = obs.copy()
+            for i in np.flatnonzero(done):
+                last = info["final_obs"][i]
+                self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
+        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+
+    def close(self):
+        self.envs.close()
+
+
+class RunningMeanStd(nn.Module):
+    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
+    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
+    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.reshape(-1, self.mean.shape[-1]).double()
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean.add_(delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x):
+        std = self.var.sqrt().clamp(1e-6, 1e6)
+        return ((x - self.mean) / std).float()
+
+
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
+    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
+    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
+    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
+    obs = envs.reset()
+    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    while not done.all():
+        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, valid, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminated | truncated
+    envs.close()
+    return float(returns.mean()), float(returns.std())
+
+
+def load_checkpoint(path):
+    """Loads a model saved by this script, refusing one written by another script."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"cannot read checkpoint {path!r}: {e}")
+    script = os.path.basename(__file__)
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+    return checkpoint
+
+
+def check_sac_args(args):
+    """Refuses impossible settings with one line before anything expensive starts."""
+    for name in ["total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency", "eval_every", "num_eval_envs"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["policy_lr", "q_lr", "utd_ratio"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not (args.alpha >= 0 and args.learning_starts >= 0):
+        fail(f"--alpha and --learning-starts must be non-negative, got {args.alpha} and {args.learning_starts}")
+    if not (0 < args.gamma <= 1 and 0 < args.tau <= 1):
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
+        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
+
+
+class SoftQNetwork(nn.Module):
+    """Q(s, u) on the normalized observation and tanh(u), a 256x256 SiLU MLP. It takes the actor's unsquashed u and
+    squashes it itself: SAC's Q(s, a = tanh(u)), and in GoRL a latent critic Q(s, z) with a bounded input (a plain
+    Q(s, z) extrapolates linearly in |z|, and its actor chased z to 1e7 within 3k updates)."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.net = mlp([obs_dim + action_dim, 256, 256, 1])
+
+    def forward(self, x, u):
+        return self.net(torch.cat([x, torch.tanh(u)], -1)).squeeze(-1)
+
+
+LOG_STD_MAX, LOG_STD_MIN = 2, -5
+
+
+class Actor(nn.Module):
+    """A Gaussian over u with log-std squashed into [LOG_STD_MIN, LOG_STD_MAX] (CleanRL), 256x256 SiLU MLP."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.net = mlp([obs_dim, 256, 256, 2 * action_dim])
+
+    def get_dist(self, x):
+        mean, log_std = self.net(x).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        return Normal(mean, log_std.exp())
+
+    def get_action(self, x):
+        """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
+        that of tanh(u), so saturating is penalized (in GoRL too, where u is the latent z fed to the decoder)."""
+        dist = self.get_dist(x)
+        u = dist.rsample()
+        log_prob = (dist.log_prob(u) - torch.log(1 - torch.tanh(u).pow(2) + 1e-6)).sum(-1)  # change of variables through tanh
+        return u, log_prob, dist.mean
+
+
+def make_sac(obs_dim, action_dim, args, device):
+    """A fresh actor, two critics and their targets, their optimizers and the entropy coefficient."""
+    actor, qf1, qf2 = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+    log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device, requires_grad=args.autotune)
+    return types.SimpleNamespace(
+        actor=actor, qf1=qf1, qf2=qf2, qf1_target=copy.deepcopy(qf1), qf2_target=copy.deepcopy(qf2), log_alpha=log_alpha,
+        target_entropy=-float(action_dim), q_optimizer=torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr), a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr))
+
+
+class ReplayBuffer:
+    """Transitions in preallocated device tensors, the oldest overwritten first. Observations are stored raw and
+    normalized when sampled, with the current statistics."""
+
+    def __init__(self, size, obs_dim, action_dim, device):
+        self.obs, self.next_obs = torch.zeros((size, obs_dim), device=device), torch.zeros((size, obs_dim), device=device)
+        self.actions = torch.zeros((size, action_dim), device=device)
+        self.rewards, self.dones = torch.zeros(size, device=device), torch.zeros(size, device=device)
+        self.pos, self.size = 0, 0
+
+    def add(self, obs, action, reward, next_obs, terminated, valid):
+        """Adds one vector step. Only valid steps are kept (not EnvPool's reset steps). `next_obs` must be the
+        observation each episode ended in (VecEnv.final_obs), and done = terminated: a time limit is not a
+        terminal state, so its target still bootstraps from that final observation."""
+        keep = torch.as_tensor(valid, device=obs.device)
+        idx = (self.pos + torch.arange(int(valid.sum()), device=obs.device)) % len(self.obs)
+        self.obs[idx], self.actions[idx] = obs[keep], action[keep]
+        self.next_obs[idx] = torch.as_tensor(next_obs, device=obs.device)[keep]
+        self.rewards[idx] = torch.as_tensor(reward, device=obs.device)[keep]
+        self.dones[idx] = torch.as_tensor(terminated, dtype=torch.float32, device=obs.device)[keep]
+        self.pos, self.size = (self.pos + len(idx)) % len(self.obs), min(self.size + len(idx), len(self.obs))
+
+    def sample(self, batch_size):
+        idx = torch.randint(self.size, (batch_size,), device=self.obs.device)
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+
+
+def soft_update(target, online, tau):
+    """Polyak averaging target <- tau * online + (1 - tau) * target, in place."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), online.parameters()):
+            target_param.lerp_(param, tau)
+
+
+def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
+    """One critic step on a batch (normalized observations), the delayed actor and alpha steps every
+    `policy_frequency` updates, then the target update. Returns (critic stats, actor stats or None)."""
+    with torch.no_grad():
+        next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
+        min_qf_next = torch.min(sac.qf1_target(next_obs, next_actions), sac.qf2_target(next_obs, next_actions)) - sac.log_alpha.exp() * next_log_pi
+        next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
+    qf1_a_values, qf2_a_values = sac.qf1(obs, actions), sac.qf2(obs, actions)
+    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
+    qf_loss = qf1_loss + qf2_loss
+    sac.q_optimizer.zero_grad()
+    qf_loss.backward()
+    sac.q_optimizer.step()
+    q_stats, pi_stats = torch.stack([qf1_a_values.mean(), qf2_a_values.mean(), qf1_loss, qf2_loss, qf_loss / 2]).detach(), None
+
+    if update % args.policy_frequency == 0:
+        for _ in range(args.policy_frequency):
+            pi, log_pi, _ = sac.actor.get_action(obs)
+            alpha = sac.log_alpha.exp().detach()
+            actor_loss = (alpha * log_pi - torch.min(sac.qf1(obs, pi), sac.qf2(obs, pi))).mean()
+            sac.actor_optimizer.zero_grad()
+            actor_loss.backward()
+            sac.actor_optimizer.step()
+            # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
+            alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
+            if args.autotune:
+                sac.a_optimizer.zero_grad()
+                alpha_loss.backward()
+                sac.a_optimizer.step()
+            pi_stats = torch.stack([actor_loss, alpha, alpha_loss, -log_pi.mean()]).detach()
+    soft_update(sac.qf1_target, sac.qf1, args.tau)
+    soft_update(sac.qf2_target, sac.qf2, args.tau)
+    return q_stats, pi_stats
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        saved = Args(**checkpoint["args"])
+        backend = resolve_backend(saved.env_id, checkpoint["backend"])
+        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+        actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        mean, std = evaluate(lambda x: torch.tanh(actor.get_action(obs_rms(x))[2]), saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+        sys.exit(0)
+
+    check_sac_args(args)
+    backend = resolve_backend(args.env_id, args.env_backend)
+    if args.capture_video and backend != "dm_control":
+        fail("--capture-video renders through dm_control; add --env-backend dm_control")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy")
+    num_steps = args.total_timesteps // args.num_envs
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("backend", backend)
+    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
+    next_obs = envs.reset()
+    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_rms = RunningMeanStd(obs_dim).to(device)
+    sac = make_sac(obs_dim, action_dim, args, device)
+
+    def eval_and_log(global_step):
+        video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
+        mean, std = evaluate(lambda x: torch.tanh(sac.actor.get_action(obs_rms(x))[2]), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        writer.add_scalar("eval/episodic_return", mean, global_step)
+        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        return mean
+
+    buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
+    rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+
+    global_step, updates, train_time, eval_return, train_return = 0, 0, 0.0, eval_and_log(0), float("nan")
+    next_eval, q_stats, pi_stats, step_start = args.eval_every, [], [], time.time()
+    for step in range(1, num_steps + 1):
+        obs = torch.as_tensor(next_obs, device=device)
+        if global_step < args.learning_starts:
+            action = (torch.rand((N, action_dim), device=device) * 2 - 1).clamp(-0.999999, 0.999999).atanh()  # uniform actions, as CleanRL, as their u
+        else:
+            with torch.no_grad():
+                action = sac.actor.get_action(obs_rms(obs))[0]
+        env_action = torch.tanh(action)
+        next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+        global_step += N
+        if len(ended_returns):
+            train_return = float(ended_returns.mean())
+            writer.add_scalar("charts/episodic_return", train_return, global_step)
+            writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step)
+
+        rb.add(obs, action, reward, envs.final_obs, terminated, valid)
+        if valid.any():
+            obs_rms.update(obs[torch.as_tensor(valid, device=device)])
+
+        if global_step >= args.learning_starts:
+            for _ in range(int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)):  # utd_ratio * N on average
+                b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
+                q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
+                updates += 1
+                q_stats.append(q)
+                if pi is not None:
+                    pi_stats.append(pi)
+
+        if global_step // 1000 > (global_step - N) // 1000 or step == num_steps:  # log every 1000 env steps
+            train_time += time.time() - step_start
+            if q_stats:
+                q, pi = torch.stack(q_stats), torch.stack(pi_stats) if pi_stats else None  # one device-to-host copy
+                if not (torch.isfinite(q).all() and (pi is None or torch.isfinite(pi).all())):
+                    print(f"error: non-finite loss in the {len(q_stats)} updates before global_step {global_step} (updates {updates - len(q_stats) + 1}..{updates}); stopping", file=sys.stderr)
+                    sys.exit(1)
+                for name, value in zip(["qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss"], q.mean(0).tolist()):
+                    writer.add_scalar(f"losses/{name}", value, global_step)
+                for name, value in zip(["losses/actor_loss", "losses/alpha", "losses/alpha_loss", "losses/entropy"], pi.mean(0).tolist() if pi is not None else []):
+                    writer.add_scalar(name, value, global_step)
+                q_stats, pi_stats = [], []
+            writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
+            if global_step >= next_eval or step == num_steps:
+                eval_return = eval_and_log(global_step)
+                next_eval = (global_step // args.eval_every + 1) * args.eval_every
+                eta = (num_steps - step) * train_time / step
+                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            step_start = time.time()
+
+    envs.close()
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
+                    "actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "obs_rms": obs_rms.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
