@@ -345,7 +345,7 @@ class Agent(nn.Module):
         i = t.squeeze(-1).long()
         ab = self.alpha_bar[i].unsqueeze(-1)
         x0 = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1.0, 1.0)
-        return Normal(self.c0[i].unsqueeze(-1) * x0 + self.ct[i].unsqueeze(-1) * x_t, self.std[i].clamp(min=self.min_std).unsqueeze(-1))
+        return Normal(self.c0[i].unsqueeze(-1) * x0 + self.ct[i].unsqueeze(-1) * x_t, self.std[i].clamp(min=self.min_std).unsqueeze(-1), validate_args=False)
 
     def chain_logprobs(self, x, chain):
         """Log-likelihood of each step of stored chains: x: [..., D], chain: [..., K + 1, A] (x_K first). Per dimension,

@@ -376,7 +376,7 @@ class Agent(nn.Module):
         """Gaussian over the pre-tanh action u; the environment receives tanh(u). The tanh Jacobian cancels in
         the PPO ratio, so log-probabilities are of u."""
         mean, raw_scale = self.actor(x).chunk(2, dim=-1)
-        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0))
+        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0), validate_args=False)  # no per-step checks (and syncs)
 
     def act(self, x, deterministic=False):
         """Returns (u, log-prob of u, environment action in [-1, 1])."""
@@ -417,23 +417,28 @@ class Decoder(nn.Module):
         self.net = mlp([obs_dim + action_dim + 8, hidden, hidden, hidden, hidden, action_dim])
         nn.init.zeros_(self.net[-1].weight)
 
-    def velocity(self, s, x, t):
-        """t: [B, 1]; time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
-        tk = t * 2.0 ** torch.arange(4, device=x.device)
-        return self.net(torch.cat([s, x, torch.cos(tk), torch.sin(tk)], dim=-1))
+    @staticmethod
+    def embed(t):
+        """t: [B, 1] -> time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
+        tk = t * 2.0 ** torch.arange(4, device=t.device)
+        return torch.cat([torch.cos(tk), torch.sin(tk)], dim=-1)
+
+    def velocity(self, s, x, temb):
+        return self.net(torch.cat([s, x, temb], dim=-1))
 
     def forward(self, obs, z):
         """Decodes a batch: x = z at t = 1, then x <- x - v / 10 at t = 1.0, 0.9, ..., 0.1."""
         s, x = (obs - self.obs_mean) / self.obs_std, z
+        temb = self.embed(1.0 - torch.arange(self.num_steps, device=z.device)[:, None] / self.num_steps)  # all 10 at once
         for k in range(self.num_steps):
-            x = x - self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k / self.num_steps)) / self.num_steps
+            x = x - self.velocity(s, x, temb[k].expand(len(x), -1)) / self.num_steps
         return x
 
     def loss(self, obs, action, noise, u):
         """Conditional flow matching, per sample: x_t = t * noise + (1 - t) * a with t = u ~ U(0, 1), target velocity noise - a."""
         s, t = (obs - self.obs_mean) / self.obs_std, u
         x_t = t * noise + (1 - t) * action
-        return ((self.velocity(s, x_t, t) - (noise - action)) ** 2).mean(-1)
+        return ((self.velocity(s, x_t, self.embed(t)) - (noise - action)) ** 2).mean(-1)
 
 
 @torch.no_grad()

@@ -355,7 +355,7 @@ class Actor(nn.Module):
     def get_dist(self, x):
         mean, log_std = self.net(x).chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
-        return Normal(mean, log_std.exp())
+        return Normal(mean, log_std.exp(), validate_args=False)  # no per-step checks (and syncs)
 
     def get_action(self, x):
         """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
@@ -463,10 +463,14 @@ class Decoder(nn.Module):
         self.net = mlp([obs_dim + action_dim + 8, hidden, hidden, hidden, hidden, action_dim])
         nn.init.zeros_(self.net[-1].weight)
 
-    def correction(self, s, x, t):
-        """t: [B, 1]; time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
-        tk = t * 2.0 ** torch.arange(4, device=x.device)
-        return 0.25 * self.net(torch.cat([s, x, torch.cos(tk), torch.sin(tk)], dim=-1))
+    @staticmethod
+    def embed(t):
+        """t: [B, 1] -> time embedding [cos(t 2^k), sin(t 2^k)], k = 0..3."""
+        tk = t * 2.0 ** torch.arange(4, device=t.device)
+        return torch.cat([torch.cos(tk), torch.sin(tk)], dim=-1)
+
+    def correction(self, s, x, temb):
+        return 0.25 * self.net(torch.cat([s, x, temb], dim=-1))
 
     def ddim_coefficients(self, t):
         """r and c of the DDIM step from t to t - 0.1."""
@@ -477,9 +481,10 @@ class Decoder(nn.Module):
     def forward(self, obs, z):
         """Decodes a batch: x = z at t = 1, then x <- x + c(t) f(s, x, t) at t = 1.0, 0.9, ..., 0.1."""
         s, x = (obs - self.obs_mean) / self.obs_std, z
+        t = 1.0 - torch.arange(self.num_steps, device=z.device)[:, None] / self.num_steps  # all 10 steps' constants at once
+        temb, c = self.embed(t), self.ddim_coefficients(t)[1]
         for k in range(self.num_steps):
-            t = torch.full_like(x[:, :1], 1.0 - k / self.num_steps)
-            x = x + self.ddim_coefficients(t)[1] * self.correction(s, x, t)
+            x = x + c[k] * self.correction(s, x, temb[k].expand(len(x), -1))
         return x
 
     def loss(self, obs, action, noise, u):
@@ -490,7 +495,7 @@ class Decoder(nn.Module):
         alpha_bar = 1e-3 + 0.999 * (1 - t)
         x_t = alpha_bar.sqrt() * action + (1 - alpha_bar).sqrt() * noise
         r, c = self.ddim_coefficients(t)
-        return ((self.correction(s, x_t, t) - (noise - (1 - r) / c * x_t)) ** 2).mean(-1)
+        return ((self.correction(s, x_t, self.embed(t)) - (noise - (1 - r) / c * x_t)) ** 2).mean(-1)
 
 
 @torch.no_grad()

@@ -322,7 +322,7 @@ class Agent(nn.Module):
         """Gaussian over the pre-tanh action u; the environment receives tanh(u). The tanh Jacobian cancels in
         the PPO ratio, so log-probabilities are of u."""
         mean, raw_scale = self.actor(x).chunk(2, dim=-1)
-        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0))
+        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0), validate_args=False)  # no per-step checks (and syncs)
 
     def act(self, x, deterministic=False):
         """Returns (u, log-prob of u, environment action in [-1, 1])."""

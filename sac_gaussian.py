@@ -312,7 +312,7 @@ class Actor(nn.Module):
     def get_dist(self, x):
         mean, log_std = self.net(x).chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
-        return Normal(mean, log_std.exp())
+        return Normal(mean, log_std.exp(), validate_args=False)  # no per-step checks (and syncs)
 
     def get_action(self, x):
         """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
