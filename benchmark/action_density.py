@@ -9,6 +9,7 @@ KDE (scipy, bandwidth factor 0.8), one curve per checkpoint in one PNG. All chec
 """
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 
@@ -84,6 +85,7 @@ def main():
     p.add_argument("--bandwidth", type=float, default=0.8, help="scipy gaussian_kde bandwidth factor")
     args = p.parse_args()
     os.environ.setdefault("MUJOCO_GL", "disable")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     from scipy.stats import gaussian_kde
 
     policies = [load_policy(path) for path in args.checkpoints]
@@ -115,7 +117,7 @@ def main():
         density = gaussian_kde(x, bw_method=args.bandwidth)(grid)
         ax.plot(grid, density, label=NAMES[script])
         ax.fill_between(grid, density, alpha=0.15)
-    ax.set_title(f"{saved.env_id}: {args.samples} actions at one state, first principal component")
+    ax.set_title(f"{saved.env_id}: {args.samples} actions at one state, first principal component", fontsize=10)
     ax.set_xlabel("action projected on PC1")
     ax.set_ylabel("density")
     ax.legend()

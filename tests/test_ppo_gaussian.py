@@ -204,6 +204,11 @@ def test_end_to_end_logs_saves_and_reloads(tmp_path, backend):
         assert key in scalars, (key, sorted(scalars))
     assert [s for s, _ in scalars["eval/episodic_return"]] == [0, 1024, 2048]
     assert scalars["charts/episodic_length"][0][1] == 1000
+    # Where each iteration's time went: three shares of the iteration that sum to 1, and the rollout's own speed.
+    shares = [scalars[f"perf/{k}_share"] for k in ("env", "inference", "update")]
+    for env, inference, update in zip(*shares):
+        assert min(env[1], inference[1], update[1]) > 0 and env[1] + inference[1] + update[1] == pytest.approx(1, abs=1e-4)
+    assert all(sps > v for (_, sps), (_, v) in zip(scalars["perf/rollout_SPS"], scalars["charts/SPS"]))  # the rollout alone is faster
     final_eval = scalars["eval/episodic_return"][-1][1]
 
     model = os.path.join(run_dir, "ppo_gaussian.cleanrl_model")
