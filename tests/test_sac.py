@@ -218,7 +218,7 @@ def test_kl_term_pulls_the_latent_policy_to_the_prior():
     kl_before = float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach())
     for i in range(30):
         gorl_m.sac_update(sac, obs, *batch()[1:], args, update=i)
-    assert float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean()) < 0.5 * kl_before
+    assert float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach()) < 0.5 * kl_before
 
 
 # ---------------------------------------------------------------- bad input
