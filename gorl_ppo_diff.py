@@ -88,8 +88,10 @@ class Args:
     """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
     beta: float = 1e-3
     """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) (paper Eq. 3)"""
-    encoder_reset: Literal["prior", "fresh", "none"] = "prior"
-    """at each stage start: `prior` sets the latent policy to N(0, I) (critic kept), `fresh` re-initializes actor and critic, `none` keeps training the encoder"""
+    encoder_reset: Literal["prior", "fresh", "warm", "none"] = "prior"
+    """at each stage start: `prior` sets the latent policy to N(0, I) (critic and normalizer kept; the paper);
+    `fresh` re-initializes actor, critic and normalizer (released FM code); `warm` restarts from the stage's best
+    encoder with its normalizer (released diffusion code); `none` keeps training the last encoder (ablation 4.3.2)"""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
@@ -99,7 +101,11 @@ class Args:
     refine_input: Literal["prior", "latent"] = "prior"
     """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the encoder's collected z (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
-    """passes over the refinement training split per refit"""
+    """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
+    decoder_steps: int = 0
+    """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
+    target_clip: float = 3.0
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on HopperStand)"""
     decoder_batch_size: int = 8192
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4
@@ -257,20 +263,26 @@ class RunningMeanStd(nn.Module):
 
 
 def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
-    """GAE over segments. rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
+    """Advantages and value targets over segments, as Brax PPO's `compute_gae` (the authors' FPO and GoRL code).
+    rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
 
     Within a segment the next observation of step t is the observation of step t + 1, except at an episode
     end, and exactly those steps (truncation, EnvPool reset) have mask 0: their advantage and value error are
     zeroed and the recursion does not cross them. Termination cuts the bootstrap as usual.
-    Returns (advantages, value targets), both [B, T]."""
+    The value targets are vs = V + GAE(lambda). The policy advantage is *not* the GAE sum: Brax takes the one-step
+    return on the targets, r_t + gamma * (1 - term_t) * vs_{t+1} - V_t (vs after the last step = the bootstrap
+    value), which weighs the next step's GAE by 1 instead of lambda. Returns (advantages, value targets), [B, T]."""
     not_terminated = 1.0 - terminated
     deltas = (rewards + gamma * not_terminated * values[:, 1:] - values[:, :-1]) * mask
-    advantages = torch.zeros_like(deltas)
+    gae = torch.zeros_like(deltas)
     last = torch.zeros_like(deltas[:, 0])
     for t in reversed(range(deltas.shape[1])):
         last = deltas[:, t] + gamma * gae_lambda * not_terminated[:, t] * mask[:, t] * last
-        advantages[:, t] = last
-    return advantages, advantages + values[:, :-1]
+        gae[:, t] = last
+    v_targets = gae + values[:, :-1]
+    next_targets = torch.cat([v_targets[:, 1:], values[:, -1:]], dim=1)
+    advantages = (rewards + gamma * not_terminated * next_targets - values[:, :-1]) * mask
+    return advantages, v_targets
 
 
 def layer_init(layer):
@@ -343,9 +355,13 @@ def check_gorl_args(args, steps_per_iteration):
         fail(f"--beta must be non-negative, got {args.beta}")
     if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
         fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
-    for name in ["learning_rate_later", "clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_epochs", "decoder_batch_size", "decoder_hidden"]:
+    for name in ["learning_rate_later", "clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.decoder_steps < 0 or (args.decoder_steps == 0 and args.decoder_epochs <= 0):
+        fail(f"--decoder-epochs must be positive (or --decoder-steps set), and --decoder-steps non-negative; got {args.decoder_epochs} and {args.decoder_steps}")
+    if not args.target_clip >= 0:
+        fail(f"--target-clip must be non-negative (0 turns clipping off), got {args.target_clip}")
     if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
         fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
     stage_iterations = [int(args.total_timesteps * w / sum(args.stage_weights)) // steps_per_iteration for w in args.stage_weights]
@@ -386,10 +402,11 @@ class Agent(nn.Module):
 
 
 def reset_encoder(agent, mode, obs_dim, action_dim):
-    """The encoder at a stage start (paper Sec. 3). `prior`: a freshly initialized actor whose last layer makes the
-    latent policy exactly N(0, I) for any observation (mean 0; scale softplus(b) + 1e-3 = 1), critic kept.
-    `fresh`: actor and critic re-initialized (released FM code). `none`: the previous encoder (ablation 4.3.2)."""
-    if mode == "none":
+    """The encoder at a stage start (paper Sec. 3, stage-wise re-initialization). `prior`: a freshly initialized
+    actor whose last layer makes the latent policy exactly N(0, I) for any observation (mean 0; scale
+    softplus(b) + 1e-3 = 1), critic kept. `fresh`: actor and critic re-initialized. `warm` and `none` return the
+    encoder they are given (the loop passes the stage's best one for `warm`). The loop resets the normalizer for `fresh`."""
+    if mode in ("none", "warm"):
         return agent
     new = Agent(obs_dim, action_dim).to(next(agent.parameters()).device)
     if mode == "fresh":
@@ -400,6 +417,10 @@ def reset_encoder(agent, mode, obs_dim, action_dim):
         agent.actor[-1].bias[:action_dim] = 0.0
         agent.actor[-1].bias[action_dim:] = float(np.log(np.expm1(1.0 - 1e-3)))
     return agent
+
+
+SAMPLES_PER_ACTION = 8  # (noise, t) pairs per action in the decoder's loss, as the released code
+VAL_ACTIONS = 65_536  # held-out actions in the refit's validation loss (and the chunk that bounds its memory)
 
 
 class Decoder(nn.Module):
@@ -485,41 +506,53 @@ def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, see
 def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4). Its inputs are fresh prior noise
     eps ~ N(0, I) for every sample, never the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1).
-    8 (noise, t) samples per action; targets are the pre-tanh actions clipped to +-3. 10% of the episodes are held
-    out, and the decoder with the lowest validation loss (fixed noise, after every epoch) is kept.
-    Returns (decoder, last epoch's train loss, best validation loss)."""
+    SAMPLES_PER_ACTION (noise, t) samples per action; targets are the pre-tanh actions clipped to +-`--target-clip`.
+    10% of the episodes are held out, and the decoder with the lowest validation loss (fixed noise) is kept.
+    `--decoder-epochs` passes over the training split, or `--decoder-steps` Adam steps on minibatches drawn with
+    replacement (the release's 50,000), validating once per epoch or every 2% of the steps.
+    Returns (decoder, mean train loss since the last validation, best validation loss)."""
     obs, action, z, episode_id = data
-    action, samples = action.clamp(-3.0, 3.0), 8
+    if args.target_clip > 0:
+        action = action.clamp(-args.target_clip, args.target_clip)
     episodes = episode_id.unique()
     val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
     is_val = torch.isin(episode_id, val_episodes)
-    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:65536]
+    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
     decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
 
     def batch(idx):
-        a = action[idx].repeat_interleave(samples, 0)
-        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(samples, 0)
-        return obs[idx].repeat_interleave(samples, 0), a, noise, torch.rand_like(a[:, :1])
+        a = action[idx].repeat_interleave(SAMPLES_PER_ACTION, 0)
+        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(SAMPLES_PER_ACTION, 0)
+        return obs[idx].repeat_interleave(SAMPLES_PER_ACTION, 0), a, noise, torch.rand_like(a[:, :1])
 
     val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
-    best_val, best_state, train_loss = float("inf"), None, float("nan")
-    for epoch in range(args.decoder_epochs):
-        perm = train_idx[torch.randperm(len(train_idx), device=device)]
-        losses = []
-        for start in range(0, len(perm), args.decoder_batch_size):
-            loss = decoder.loss(*batch(perm[start : start + args.decoder_batch_size])).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
+    steps_per_epoch = -(-len(train_idx) // args.decoder_batch_size)
+    total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
+    validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
+    best_val, best_state, losses = float("inf"), None, []
+    for step in range(total_steps):
+        if args.decoder_steps:  # with replacement
+            idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
+        else:  # epochs: a new permutation of the training split every steps_per_epoch steps
+            if step % steps_per_epoch == 0:
+                perm = train_idx[torch.randperm(len(train_idx), device=device)]
+            idx = perm[(step % steps_per_epoch) * args.decoder_batch_size :][: args.decoder_batch_size]
+        loss = decoder.loss(*batch(idx)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if (step + 1) % validate_every and step + 1 < total_steps:
+            continue
         with torch.no_grad():
-            val_loss = float(torch.cat([decoder.loss(*(x[i : i + 65536] for x in val_batch)) for i in range(0, len(val_batch[0]), 65536)]).mean())
-        train_loss = float(torch.stack(losses).mean())
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in range(0, len(val_batch[0]), VAL_ACTIONS)]
+            val_loss = float(torch.cat(chunks).mean())
+        train_loss, losses = float(torch.stack(losses).mean()), []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
-            print(f"error: non-finite decoder loss in refit epoch {epoch + 1}; stopping", file=sys.stderr)
+            print(f"error: non-finite decoder loss at refit step {step + 1} of {total_steps}; stopping", file=sys.stderr)
             sys.exit(1)
         if val_loss < best_val:
             best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
@@ -703,6 +736,7 @@ if __name__ == "__main__":
         sps = int(global_step / train_time)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/clip_coef", clip_coef, global_step)
 
         if global_step >= next_eval or iteration in stage_ends:  # GoRL also evaluates at every stage end
             eval_return = eval_and_log(global_step)
@@ -710,7 +744,7 @@ if __name__ == "__main__":
         if iteration in stage_ends[:-1]:
             # Decoder refinement (paper Alg. 1): collect with the stage's encoder and decoder, fit a new decoder
             # from the fixed prior, then restart the encoder against it. These env steps are not in global_step.
-            encoder, rms = best[1] if args.refine_from == "best" else (agent, obs_rms)
+            encoder_return, (encoder, rms) = best if args.refine_from == "best" else (eval_return, (agent, obs_rms))
 
             def refine_policy(x):
                 z = encoder.act(rms(x))[0]
@@ -721,11 +755,15 @@ if __name__ == "__main__":
             refine_steps += steps
             decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
             decoders.append(copy.deepcopy(decoder.state_dict()))
-            for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
+            for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_encoder_eval", encoder_return), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
                 writer.add_scalar(name, float(value), global_step)
             stage += 1
+            if args.encoder_reset == "warm":  # the stage's best encoder with its normalizer (released diffusion code)
+                agent, obs_rms = copy.deepcopy(best[1])
+            if args.encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
+                obs_rms = RunningMeanStd(obs_dim).to(device)
             agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
-            if args.encoder_reset != "none":  # a new encoder starts with a fresh optimizer state
+            if args.encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
                 optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate_later, eps=1e-8)
             optimizer.param_groups[0]["lr"] = args.learning_rate_later
             best = (-float("inf"), None)
@@ -741,6 +779,7 @@ if __name__ == "__main__":
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
-                    "agent": agent.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders}, model_path)
+                    "agent": agent.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders,
+                    "optimizer": optimizer.state_dict()}, model_path)
         print(f"model saved to {model_path}")
     writer.close()

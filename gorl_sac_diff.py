@@ -90,7 +90,11 @@ class Args:
     refine_input: Literal["prior", "latent"] = "prior"
     """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the actor's collected z (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
-    """passes over the refinement training split per refit"""
+    """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
+    decoder_steps: int = 0
+    """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
+    target_clip: float = 3.0
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on HopperStand)"""
     decoder_batch_size: int = 1024
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4
@@ -311,9 +315,13 @@ def check_gorl_sac_args(args):
         fail(f"--beta must be non-negative, got {args.beta}")
     if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
         fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
-    for name in ["decoder_lr", "refine_episodes", "refine_num_envs", "decoder_epochs", "decoder_batch_size", "decoder_hidden"]:
+    for name in ["decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.decoder_steps < 0 or (args.decoder_steps == 0 and args.decoder_epochs <= 0):
+        fail(f"--decoder-epochs must be positive (or --decoder-steps set), and --decoder-steps non-negative; got {args.decoder_epochs} and {args.decoder_steps}")
+    if not args.target_clip >= 0:
+        fail(f"--target-clip must be non-negative (0 turns clipping off), got {args.target_clip}")
     if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
         fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
     stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // args.num_envs * args.num_envs for w in args.stage_weights]
@@ -364,6 +372,17 @@ class Actor(nn.Module):
         u = dist.rsample()
         log_prob = (dist.log_prob(u) - torch.log(1 - torch.tanh(u).pow(2) + 1e-6)).sum(-1)  # change of variables through tanh
         return u, log_prob, dist.mean
+
+
+def actor_at_prior(actor):
+    """Sets the actor's latent policy to exactly N(0, I) for any observation, as the PPO scripts' `prior` reset (paper
+    Sec. 3): last layer zero, mean bias 0, and the log-std bias at atanh(3/7), where the squashed log-std is 0."""
+    action_dim = actor.net[-1].out_features // 2
+    with torch.no_grad():
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias[:action_dim] = 0.0
+        actor.net[-1].bias[action_dim:] = float(np.arctanh(2 * (0 - LOG_STD_MIN) / (LOG_STD_MAX - LOG_STD_MIN) - 1))
+    return actor
 
 
 def make_sac(obs_dim, action_dim, args, device):
@@ -444,6 +463,10 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
     soft_update(sac.qf1_target, sac.qf1, args.tau)
     soft_update(sac.qf2_target, sac.qf2, args.tau)
     return q_stats, pi_stats
+
+
+SAMPLES_PER_ACTION = 8  # (noise, t) pairs per action in the decoder's loss, as the released code
+VAL_ACTIONS = 65_536  # held-out actions in the refit's validation loss (and the chunk that bounds its memory)
 
 
 class Decoder(nn.Module):
@@ -529,41 +552,53 @@ def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, see
 def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4). Its inputs are fresh prior noise
     eps ~ N(0, I) for every sample, never the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1).
-    8 (noise, t) samples per action; targets are the pre-tanh actions clipped to +-3. 10% of the episodes are held
-    out, and the decoder with the lowest validation loss (fixed noise, after every epoch) is kept.
-    Returns (decoder, last epoch's train loss, best validation loss)."""
+    SAMPLES_PER_ACTION (noise, t) samples per action; targets are the pre-tanh actions clipped to +-`--target-clip`.
+    10% of the episodes are held out, and the decoder with the lowest validation loss (fixed noise) is kept.
+    `--decoder-epochs` passes over the training split, or `--decoder-steps` Adam steps on minibatches drawn with
+    replacement (the release's 50,000), validating once per epoch or every 2% of the steps.
+    Returns (decoder, mean train loss since the last validation, best validation loss)."""
     obs, action, z, episode_id = data
-    action, samples = action.clamp(-3.0, 3.0), 8
+    if args.target_clip > 0:
+        action = action.clamp(-args.target_clip, args.target_clip)
     episodes = episode_id.unique()
     val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
     is_val = torch.isin(episode_id, val_episodes)
-    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:65536]
+    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
     decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
 
     def batch(idx):
-        a = action[idx].repeat_interleave(samples, 0)
-        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(samples, 0)
-        return obs[idx].repeat_interleave(samples, 0), a, noise, torch.rand_like(a[:, :1])
+        a = action[idx].repeat_interleave(SAMPLES_PER_ACTION, 0)
+        noise = torch.randn_like(a) if args.refine_input == "prior" else z[idx].repeat_interleave(SAMPLES_PER_ACTION, 0)
+        return obs[idx].repeat_interleave(SAMPLES_PER_ACTION, 0), a, noise, torch.rand_like(a[:, :1])
 
     val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
-    best_val, best_state, train_loss = float("inf"), None, float("nan")
-    for epoch in range(args.decoder_epochs):
-        perm = train_idx[torch.randperm(len(train_idx), device=device)]
-        losses = []
-        for start in range(0, len(perm), args.decoder_batch_size):
-            loss = decoder.loss(*batch(perm[start : start + args.decoder_batch_size])).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
+    steps_per_epoch = -(-len(train_idx) // args.decoder_batch_size)
+    total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
+    validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
+    best_val, best_state, losses = float("inf"), None, []
+    for step in range(total_steps):
+        if args.decoder_steps:  # with replacement
+            idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
+        else:  # epochs: a new permutation of the training split every steps_per_epoch steps
+            if step % steps_per_epoch == 0:
+                perm = train_idx[torch.randperm(len(train_idx), device=device)]
+            idx = perm[(step % steps_per_epoch) * args.decoder_batch_size :][: args.decoder_batch_size]
+        loss = decoder.loss(*batch(idx)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if (step + 1) % validate_every and step + 1 < total_steps:
+            continue
         with torch.no_grad():
-            val_loss = float(torch.cat([decoder.loss(*(x[i : i + 65536] for x in val_batch)) for i in range(0, len(val_batch[0]), 65536)]).mean())
-        train_loss = float(torch.stack(losses).mean())
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in range(0, len(val_batch[0]), VAL_ACTIONS)]
+            val_loss = float(torch.cat(chunks).mean())
+        train_loss, losses = float(torch.stack(losses).mean()), []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
-            print(f"error: non-finite decoder loss in refit epoch {epoch + 1}; stopping", file=sys.stderr)
+            print(f"error: non-finite decoder loss at refit step {step + 1} of {total_steps}; stopping", file=sys.stderr)
             sys.exit(1)
         if val_loss < best_val:
             best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
@@ -707,6 +742,7 @@ if __name__ == "__main__":
                     writer.add_scalar(name, float(value), global_step)
                 stage, stage_start = stage + 1, global_step
                 sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+                actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
                 # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
                 refit_return = evaluate(lambda x: torch.tanh(decoder(x, sac.actor.get_action(obs_rms(x))[2])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device)[0]
                 writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)

@@ -227,20 +227,26 @@ class RunningMeanStd(nn.Module):
 
 
 def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
-    """GAE over segments. rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
+    """Advantages and value targets over segments, as Brax PPO's `compute_gae` (the authors' FPO and GoRL code).
+    rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
 
     Within a segment the next observation of step t is the observation of step t + 1, except at an episode
     end, and exactly those steps (truncation, EnvPool reset) have mask 0: their advantage and value error are
     zeroed and the recursion does not cross them. Termination cuts the bootstrap as usual.
-    Returns (advantages, value targets), both [B, T]."""
+    The value targets are vs = V + GAE(lambda). The policy advantage is *not* the GAE sum: Brax takes the one-step
+    return on the targets, r_t + gamma * (1 - term_t) * vs_{t+1} - V_t (vs after the last step = the bootstrap
+    value), which weighs the next step's GAE by 1 instead of lambda. Returns (advantages, value targets), [B, T]."""
     not_terminated = 1.0 - terminated
     deltas = (rewards + gamma * not_terminated * values[:, 1:] - values[:, :-1]) * mask
-    advantages = torch.zeros_like(deltas)
+    gae = torch.zeros_like(deltas)
     last = torch.zeros_like(deltas[:, 0])
     for t in reversed(range(deltas.shape[1])):
         last = deltas[:, t] + gamma * gae_lambda * not_terminated[:, t] * mask[:, t] * last
-        advantages[:, t] = last
-    return advantages, advantages + values[:, :-1]
+        gae[:, t] = last
+    v_targets = gae + values[:, :-1]
+    next_targets = torch.cat([v_targets[:, 1:], values[:, -1:]], dim=1)
+    advantages = (rewards + gamma * not_terminated * next_targets - values[:, :-1]) * mask
+    return advantages, v_targets
 
 
 def layer_init(layer):

@@ -14,34 +14,55 @@ TINY = ["--num-envs", "2", "--unroll-length", "8", "--batch-size", "2", "--num-m
 
 
 # ---------------------------------------------------------------- math
-def test_gae_hand_computed_without_masks():
+def test_brax_advantage_hand_computed_without_masks():
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
     values = torch.tensor([[0.5, 1.0, 1.5, 2.0]])
     zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
     adv, target = pg.compute_gae(rewards, values, zeros, ones, gamma=0.5, gae_lambda=0.5)
     # deltas: 1 + .5*1 - .5 = 1; 2 + .5*1.5 - 1 = 1.75; 3 + .5*2 - 1.5 = 2.5
-    # A2 = 2.5; A1 = 1.75 + .25*2.5 = 2.375; A0 = 1 + .25*2.375 = 1.59375
-    torch.testing.assert_close(adv, torch.tensor([[1.59375, 2.375, 2.5]]))
+    # GAE: A2 = 2.5; A1 = 1.75 + .25*2.5 = 2.375; A0 = 1 + .25*2.375 = 1.59375 -> targets vs = V + A
     torch.testing.assert_close(target, torch.tensor([[2.09375, 3.375, 4.0]]))
+    # Brax's policy advantage r_t + gamma * vs_{t+1} - V_t (vs_3 = bootstrap V = 2):
+    # 1 + .5*3.375 - .5 = 2.1875; 2 + .5*4 - 1 = 3; 3 + .5*2 - 1.5 = 2.5 (plain GAE would give 1.59375, 2.375, 2.5)
+    torch.testing.assert_close(adv, torch.tensor([[2.1875, 3.0, 2.5]]))
 
 
-def test_gae_masked_step_is_zero_and_cuts_the_recursion():
-    rewards = torch.tensor([[1.0, 2.0, 3.0]])
-    values = torch.ones(1, 4)
-    mask = torch.tensor([[1.0, 0.0, 1.0]])  # step 1 ends an episode by truncation (or is EnvPool's reset step)
-    adv, target = pg.compute_gae(rewards, values, torch.zeros(1, 3), mask, gamma=0.5, gae_lambda=0.5)
-    # deltas: .5, (masked) 0, 2.5; A2 = 2.5; A1 = 0; A0 = .5 + .25*A1 = .5 (nothing from step 2 leaks through)
-    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 2.5]]))
-    torch.testing.assert_close(target[0, 1], values[0, 1])  # zero value error at the masked step
+def test_brax_advantage_with_truncation_reset_step_and_termination():
+    # Step 1 ends an episode by truncation, step 2 is EnvPool's reset step (reward 0), step 4 terminates.
+    rewards = torch.tensor([[1.0, 5.0, 0.0, 2.0, 3.0]])
+    values = torch.tensor([[1.0, 2.0, 1.0, 3.0, 2.0, 4.0]])
+    terminated = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]])
+    adv, target = pg.compute_gae(rewards, values, terminated, mask, gamma=0.5, gae_lambda=0.5)
+    # deltas: 1 + .5*2 - 1 = 1; 0 (masked); 0 (masked); 2 + .5*2 - 3 = 0; 3 - 2 = 1 (terminated: V = 4 is not used)
+    # GAE: A4 = 1; A3 = 0 + .25*1 = .25; A2 = A1 = 0 (masked: the recursion stops); A0 = 1 + .25*A1 = 1
+    # targets vs = V + A = 2, 2, 1, 3.25, 3 (zero value error at the masked steps)
+    torch.testing.assert_close(target, torch.tensor([[2.0, 2.0, 1.0, 3.25, 3.0]]))
+    # Brax: t0: 1 + .5*vs1 - 1 = 1 (vs1 = V1: nothing crosses the truncation); t1, t2: 0 (masked);
+    # t3: 2 + .5*vs4 - 3 = .5; t4: 3 + .5*0*4 - 2 = 1 (no bootstrap after a termination)
+    torch.testing.assert_close(adv, torch.tensor([[1.0, 0.0, 0.0, 0.5, 1.0]]))
 
 
-def test_gae_termination_cuts_bootstrap():
-    rewards = torch.tensor([[1.0, 2.0, 3.0]])
-    values = torch.ones(1, 4)
-    terminated = torch.tensor([[0.0, 0.0, 1.0]])
-    adv, _ = pg.compute_gae(rewards, values, terminated, torch.ones(1, 3), gamma=0.5, gae_lambda=0.5)
-    # deltas: .5, 1.5, 3 - 1 = 2 (no bootstrap); A1 = 1.5 + .25*2 = 2; A0 = .5 + .25*2 = 1
-    torch.testing.assert_close(adv, torch.tensor([[1.0, 2.0, 2.0]]))
+def test_brax_advantage_matches_an_independent_loop_on_random_segments():
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 6, 9, 0.9, 0.8
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T + 1, generator=g)
+    terminated = (torch.rand(B, T, generator=g) < 0.15).float()
+    mask = (torch.rand(B, T, generator=g) > 0.2).float()
+    adv, target = pg.compute_gae(rewards, values, terminated, mask, gamma, lam)
+    for b in range(B):
+        gae, vs = [0.0] * T, [0.0] * (T + 1)
+        vs[T], acc = values[b, T].item(), 0.0
+        for t in reversed(range(T)):
+            nt, m = 1 - terminated[b, t].item(), mask[b, t].item()
+            delta = (rewards[b, t].item() + gamma * nt * values[b, t + 1].item() - values[b, t].item()) * m
+            acc = delta + gamma * lam * nt * m * acc
+            gae[t], vs[t] = acc, acc + values[b, t].item()
+        for t in range(T):
+            nt, m = 1 - terminated[b, t].item(), mask[b, t].item()
+            expected = (rewards[b, t].item() + gamma * nt * vs[t + 1] - values[b, t].item()) * m
+            assert adv[b, t].item() == pytest.approx(expected, abs=1e-5)
+            assert target[b, t].item() == pytest.approx(vs[t], abs=1e-5)
 
 
 def test_normalizer_merging_equals_one_pass():
