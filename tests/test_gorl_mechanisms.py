@@ -15,6 +15,9 @@ from conftest import load_script, only_run_dir, read_scalars, run_inprocess
 
 PPO_SCRIPTS = ["gorl_ppo_fm.py", "gorl_ppo_diff.py"]
 ALL_SCRIPTS = PPO_SCRIPTS + ["gorl_sac_diff.py"]
+# The two PPO scripts' main loops are identical (test_gorl_ppo_scripts_differ_only_in_the_decoder), so the loop-level
+# tests run on one of them; the decoder and refit tests run on all three scripts.
+LOOP_SCRIPTS = ["gorl_ppo_fm.py"]
 MODULES = {name: load_script(name) for name in ALL_SCRIPTS}
 # 2 training envs, 1 evaluation env, 3 refinement envs; 8-step unrolls, 8 minibatches of 2 segments: 128 steps/iteration.
 # Hopper-v5 (obs 11, actions 3): a random policy's episodes end within tens of steps, so evaluations and refits are quick.
@@ -73,7 +76,7 @@ def shifted_decoder(m, obs_dim, action_dim, hidden=64, shift=3.0):
 
 
 # ---------------------------------------------------------------- 1, 8: the env receives tanh(g(s, z)) of the loaded decoder
-@pytest.mark.parametrize("name", PPO_SCRIPTS)
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
 def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_path, capsys, monkeypatch, name):
     m = MODULES[name]
     decoder = shifted_decoder(m, 11, 3)
@@ -97,7 +100,7 @@ def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_pat
 
 
 # ---------------------------------------------------------------- 2, 7: after a refit, ratio 1; a new optimizer, lr and clip
-@pytest.mark.parametrize("name", PPO_SCRIPTS)
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
 @pytest.mark.parametrize("mode", ["prior", "fresh", "none"])
 def test_stage_boundary_optimizer_normalizer_lr_clip_and_first_ratio(tmp_path, capsys, monkeypatch, name, mode):
     # 2 stages of 2 iterations; one minibatch of one epoch per iteration, so each logged approx-KL is a first minibatch's.
@@ -119,7 +122,7 @@ def test_stage_boundary_optimizer_normalizer_lr_clip_and_first_ratio(tmp_path, c
 
 
 # ---------------------------------------------------------------- 3: beta * KL is in the loss
-@pytest.mark.parametrize("name", PPO_SCRIPTS)
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
 def test_kl_to_prior_penalty_pulls_the_latent_policy_to_the_prior(tmp_path, capsys, monkeypatch, name):
     kl = {}
     for beta in ["0", "30"]:
@@ -133,7 +136,7 @@ def test_kl_to_prior_penalty_pulls_the_latent_policy_to_the_prior(tmp_path, caps
 
 
 # ---------------------------------------------------------------- 4, 5: which encoder collects, and that it samples
-@pytest.mark.parametrize("name", PPO_SCRIPTS)
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
 @pytest.mark.parametrize("refine_from", ["best", "last"])
 def test_refinement_is_collected_by_the_chosen_encoder_sampling_z(tmp_path, capsys, monkeypatch, name, refine_from):
     m = MODULES[name]
@@ -312,7 +315,7 @@ def test_fresh_reset_reinitializes_actor_and_critic(name):
     assert m.reset_encoder(agent, "warm", 9, 4) is agent and m.reset_encoder(agent, "none", 9, 4) is agent
 
 
-@pytest.mark.parametrize("name", PPO_SCRIPTS)
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
 def test_warm_restart_restores_the_best_encoder_and_normalizer_with_a_new_adam(tmp_path, capsys, monkeypatch, name):
     # Run A: one stage of one iteration, evaluated at 0 and at its end; its encoders are the candidates for "best".
     # Run B: the same stage 0 (same seed), then a warm restart and one iteration at a learning rate of 1e-12, so B's
@@ -353,3 +356,23 @@ def test_gorl_sac_restarted_actor_is_the_prior():
     torch.manual_seed(0)
     z = actor.get_action(torch.randn(20000, 6))[0]
     assert z.mean().abs() < 0.03 and (z.std() - 1).abs() < 0.03
+
+
+# ---------------------------------------------------------------- the two PPO scripts
+def test_gorl_ppo_scripts_differ_only_in_the_decoder():
+    import ast
+    import os
+
+    from conftest import ROOT
+
+    sources = {}
+    for name in PPO_SCRIPTS:
+        text = open(os.path.join(ROOT, name)).read()
+        tree = ast.parse(text)
+        parts = {n.name: ast.get_source_segment(text, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        parts["__main__"] = text[text.index('if __name__ == "__main__":'):]
+        sources[name] = parts
+    fm, diff = (sources[n] for n in PPO_SCRIPTS)
+    assert set(fm) == set(diff)
+    differing = {k for k in fm if fm[k] != diff[k]}
+    assert differing <= {"Decoder", "Args"}, differing  # Args: the release's per-decoder lr and clip defaults

@@ -68,12 +68,21 @@ def test_termination_is_done_and_reset_steps_are_not_stored(script, backend):
     assert terminated.any()
     assert n == valid.sum()  # EnvPool's reset steps (action ignored, reward of no episode) are not transitions
     assert rb.dones[:n].sum() == terminated[valid].sum()
-    # Every stored transition is consecutive within an episode: next_obs of a non-final step is the next obs.
-    stored_obs, stored_next = rb.obs[:n].numpy(), rb.next_obs[:n].numpy()
-    for i in np.flatnonzero(rb.dones[:n].numpy()):
-        assert not np.allclose(stored_next[i], stored_obs[min(i + 2, n - 1)])  # the final obs, not a reset obs
     if backend == "envpool":
         assert (~valid).any()
+    # Env 0's first terminal transition holds the observation its episode ended in: replay its actions on a single env
+    # of the same backend and seed (env 0 of a vector env is seeded like a single env) and compare.
+    t_end = next(t for t, entry in enumerate(log) if entry[4][0])
+    index = int(valid[:t_end].sum())  # env 0 comes first among the valid entries of step t_end
+    single = m.VecEnv("Hopper-v5", backend, 1, 3)
+    single.reset()
+    single.reset()  # fill_buffer resets twice; EnvPool's second reset draws a new initial state
+    for t in range(t_end + 1):
+        single.step(log[t][1][:1])
+    np.testing.assert_allclose(rb.next_obs[index].numpy(), single.final_obs[0], atol=1e-5)
+    assert rb.dones[index] == 1
+    first_obs_after = next(entry[0][0] for entry in log[t_end + 1 :] if entry[6][0])  # where env 0's next episode starts
+    assert np.abs(rb.next_obs[index].numpy() - first_obs_after).max() > 0.05  # a final observation, not a reset one
 
 
 # ---------------------------------------------------------------- SAC updates
