@@ -107,70 +107,110 @@ def resolve_backend(env_id, backend):
         close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
         fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
     try:
-        import envpool
-
-        has_task = (f"{env_id}-v1" if env_id in dmc else env_id) in envpool.list_all_envs()
+        import envpool  # noqa: F401
     except ImportError:
-        envpool, has_task = None, False
-    if backend == "auto":
-        return "envpool" if has_task else "dm_control"
+        envpool = None
+    has_task = envpool is not None and VecEnv.envpool_id(env_id) is not None
     if backend == "envpool" and envpool is None:
         fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
     if backend == "envpool" and not has_task:
         fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
+    backend = ("envpool" if has_task else "dm_control") if backend == "auto" else backend
+    if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
+        fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
+    if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
+        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl (or osmesa), or use envpool")
     return backend
 
 
 class VecEnv:
     """`num_envs` copies of one task behind one small interface, for either backend.
 
-    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same for
-    both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's bounds (identity on
-    DMC). `step` also returns `valid`: False on EnvPool's reset step, the step after an episode end whose action
-    is ignored and whose reward belongs to no episode, so it must not be trained on (SPEC.md 1). After a step,
-    `final_obs` is the returned obs except where an episode just ended: there it is the observation the episode
-    ended in (what an off-policy target bootstraps from at a time limit), not the next episode's first one.
+    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same
+    entries and sizes on both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's
+    bounds where those are finite and sensible (identity on unbounded actuators such as LQR's +-1e10). Every
+    episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
+    the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
+    False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
+    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    where an episode just ended: there it is the observation the episode ended in (what an off-policy target
+    bootstraps from at a time limit), not the next episode's first one.
     """
+
+    dmc_observation_keys = {}  # (domain, task) -> dm_control's observation entries, read once per process
 
     def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
         dmc = dmc_task_ids()
-        self.backend, self.num_envs, self.seed = backend, num_envs, seed
+        self.backend, self.num_envs, self.seed, self.obs_keys = backend, num_envs, seed, None
         if backend == "envpool":
             import envpool
 
-            self.envs = envpool.make(f"{env_id}-v1" if env_id in dmc else env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
-            action_space = self.envs.action_space
+            self.envs = envpool.make(self.envpool_id(env_id), env_type="gymnasium", num_envs=num_envs, seed=seed)
+            action_space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            if env_id in dmc:
+                # EnvPool pads some tasks with the all-zero entries of a sibling task (HumanoidStand: `position`,
+                # FingerSpin: `target_position`, `dist_to_target`; FishUpright: `target`; Dog*: `ball_state`,
+                # `target_position`); only dm_control's own entries are kept, so both backends observe the same.
+                if dmc[env_id] not in VecEnv.dmc_observation_keys:
+                    from dm_control import suite
+
+                    env = suite.load(*dmc[env_id])
+                    VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(env.observation_spec())
+                    env.close()
+                self.obs_keys = VecEnv.dmc_observation_keys[dmc[env_id]]
         else:
-            name = env_id
+            name, kwargs = env_id, {}
             if env_id in dmc:
                 import shimmy
 
                 gym.register_envs(shimmy)
-                name = "dm_control/{}-{}-v0".format(*dmc[env_id])
+                # dm_control's LQR tasks never end; EnvPool cuts every DMC task at 1000 steps, and so does this TimeLimit.
+                name, kwargs = "dm_control/{}-{}-v0".format(*dmc[env_id]), {"max_episode_steps": 1000}
+            self.max_episode_steps = kwargs.get("max_episode_steps", gym.spec(name).max_episode_steps)
 
             def thunk(i):
                 def make():
                     if video_folder is not None and i == 0:
-                        env = gym.make(name, render_mode="rgb_array")
+                        env = gym.make(name, render_mode="rgb_array", **kwargs)
                         return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
-                    return gym.make(name)
+                    return gym.make(name, **kwargs)
 
                 return make
 
             # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
             self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
             action_space = self.envs.single_action_space
+            if env_id in dmc:  # dm_control's own entries, for an EnvPool VecEnv of the same task in this process
+                VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(self.envs.single_observation_space.keys())
         if not isinstance(action_space, gym.spaces.Box):
             fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
         self.action_dim = int(np.prod(action_space.shape))
-        self.action_low, self.action_high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+        # [-1, 1] is mapped onto [action_low, action_high] only in the dims whose bounds are finite and sensible;
+        # the others (unbounded actuators: LQR's +-1e10) get the policy's action as is.
+        low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
+        self.action_bounded = (np.abs(low) < 1e6) & (np.abs(high) < 1e6) & (low < high)
+        self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
 
     @staticmethod
-    def flatten(obs):
+    def envpool_id(env_id):
+        """EnvPool's id for one of our tasks, or None when it has none (or is not installed). DMC tasks are
+        `{id}-v1` matched case-insensitively: dm_control's domain humanoid_CMU is our HumanoidCmu, EnvPool's HumanoidCMU."""
+        try:
+            import envpool
+        except ImportError:
+            return None
+        if env_id not in dmc_task_ids():
+            return env_id if env_id in envpool.list_all_envs() else None
+        matches = [i for i in envpool.list_all_envs() if i.lower() == f"{env_id}-v1".lower()]
+        return matches[0] if len(matches) == 1 else None
+
+    @staticmethod
+    def flatten(obs, keys=None):
+        """Dict entries `keys` (default: all, sorted) concatenated into one float32 row per env."""
         if isinstance(obs, dict):
-            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in sorted(obs)], axis=1)
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)], axis=1)
         return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
 
     def reset(self):
@@ -179,12 +219,15 @@ class VecEnv:
         else:
             obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
         self.episode_return[:], self.episode_length[:] = 0, 0
-        return self.flatten(obs)
+        return self.flatten(obs, self.obs_keys)
 
     def step(self, action):
         """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
-        action = self.action_low + 0.5 * (np.asarray(action, dtype=np.float32) + 1.0) * (self.action_high - self.action_low)
-        obs, reward, terminated, truncated, info = self.envs.step(action)
+        obs, reward, terminated, truncated, info = self.envs.step(self.scale_action(action))
+        # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
+        # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
+        # TimeLimit reports both flags there, and the loops' masks keep such a step a termination. DMC tasks never
+        # terminate: both backends truncate them at step 1000.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
         reward = np.asarray(reward, dtype=np.float32) * valid
         done = np.logical_or(terminated, truncated)
@@ -194,13 +237,20 @@ class VecEnv:
         self.episode_return[done], self.episode_length[done] = 0, 0
         # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
         # returns the next episode's first observation and puts the final one in info.
-        obs = self.final_obs = self.flatten(obs)
+        obs = self.final_obs = self.flatten(obs, self.obs_keys)
         if self.backend != "envpool" and done.any():
             self.final_obs = obs.copy()
             for i in np.flatnonzero(done):
                 last = info["final_obs"][i]
                 self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
         return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+
+    def scale_action(self, action):
+        """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
+        clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
+        action = np.asarray(action, dtype=np.float64)
+        scaled = np.clip(self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high)
+        return np.where(self.action_bounded, scaled, action)
 
     def close(self):
         self.envs.close()
@@ -275,15 +325,18 @@ def mlp(sizes):
 def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
     """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
     comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
-    to actions in [-1, 1]. Returns (mean, std) of the episode returns."""
+    to actions in [-1, 1]. Episodes end within the task's time limit, and so does this loop. Returns (mean, std)
+    of the episode returns."""
     envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
     obs = envs.reset()
     returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
-    while not done.all():
+    for _ in range(envs.max_episode_steps):
         action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
         obs, reward, terminated, truncated, valid, _ = envs.step(action)
         returns += reward * ~done
         done |= terminated | truncated
+        if done.all():
+            break
     envs.close()
     return float(returns.mean()), float(returns.std())
 
@@ -445,7 +498,7 @@ if __name__ == "__main__":
                 next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action)
                 env_time += time.time() - env_start
                 rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
-                masks[u, t] = valid & ~truncated
+                masks[u, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
                 if len(ended_returns):
                     train_return = float(ended_returns.mean())
                     writer.add_scalar("charts/episodic_return", train_return, global_step + (u * T + t + 1) * N)

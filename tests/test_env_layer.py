@@ -1,0 +1,241 @@
+"""The environment layer of the shared skeleton (dmc_task_ids, resolve_backend, VecEnv, evaluate): every DMC task on
+every backend that has it, unbounded actuators, time limits, termination vs truncation, Gymnasium ids on EnvPool."""
+import ast
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from dm_control import suite
+
+from conftest import BACKENDS, ROOT, has_envpool, load_script
+
+pg = load_script("ppo_gaussian.py")
+DMC_TASKS = sorted(pg.dmc_task_ids())
+PPO_FAMILY = ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py", "fpo.py", "dppo.py"]
+needs_envpool = pytest.mark.skipif(not has_envpool(), reason="envpool not installed")
+
+
+def spaces(envs):
+    """(action space, observation space) of one env of a VecEnv, whichever the backend."""
+    if envs.backend == "envpool":
+        return envs.envs.action_space, envs.envs.observation_space
+    return envs.envs.single_action_space, envs.envs.single_observation_space
+
+
+def layout(envs):
+    """{entry: size} of the flat observation, in the order VecEnv.flatten concatenates the entries."""
+    _, space = spaces(envs)
+    if isinstance(space, gym.spaces.Dict):
+        return {k: int(np.prod(space[k].shape)) for k in (sorted(space.keys()) if envs.obs_keys is None else envs.obs_keys)}
+    return {"obs": int(np.prod(space.shape))}
+
+
+# ---------------------------------------------------------------- every DMC task
+def test_every_dmc_task_is_on_envpool_under_auto():
+    assert len(DMC_TASKS) == len(suite.ALL_TASKS)
+    if has_envpool():
+        assert {t: pg.resolve_backend(t, "auto") for t in DMC_TASKS} == {t: "envpool" for t in DMC_TASKS}
+
+
+@pytest.mark.parametrize("env_id", DMC_TASKS)
+def test_every_dmc_task_steps_to_its_time_limit(env_id, capsys):
+    """Each task on each backend that has it: actions in [-1, 1] map into the env's (finite) bounds, the flat
+    observation has the same entries and sizes on both backends, and the episode is truncated at step 1000
+    (not before, never terminated)."""
+    layouts = {}
+    for backend in ["dm_control"] + (["envpool"] if has_envpool() else []):
+        # dm_control's QuadrupedEscape uploads its terrain to an OpenGL context at every reset, and this process has
+        # none (MUJOCO_GL=disable): resolve_backend refuses it with one line; construction (no reset) still works.
+        no_gl = backend == "dm_control" and env_id == "QuadrupedEscape" and os.environ.get("MUJOCO_GL") == "disable"
+        if no_gl:
+            with pytest.raises(SystemExit):
+                pg.resolve_backend(env_id, backend)
+            assert "MUJOCO_GL=egl" in capsys.readouterr().err
+        else:
+            assert pg.resolve_backend(env_id, backend) == backend
+        envs = pg.VecEnv(env_id, backend, 1, seed=0)
+        action_space, _ = spaces(envs)
+        rng = np.random.default_rng(0)
+        actions = rng.uniform(-1, 1, (1000, 1, envs.action_dim)).astype(np.float32)
+        extremes = np.stack([-np.ones(envs.action_dim), np.ones(envs.action_dim), np.zeros(envs.action_dim)])
+        mapped = envs.scale_action(np.concatenate([extremes, actions[:16, 0]]))
+        assert np.isfinite(mapped).all() and (mapped >= action_space.low).all() and (mapped <= action_space.high).all(), (backend, mapped)
+        assert envs.max_episode_steps == 1000
+        layouts[backend] = layout(envs)
+        if no_gl:
+            envs.close()
+            continue
+        obs = envs.reset()
+        assert obs.shape == (1, sum(layouts[backend].values())) and np.isfinite(obs).all()
+        for t in range(1, 1001):
+            obs, reward, terminated, truncated, valid, (returns, lengths) = envs.step(actions[t - 1])
+            assert valid.all() and not terminated.any() and (t == 1000 or not truncated.any()), (backend, t)
+        assert truncated.all() and list(lengths) == [1000] and np.isfinite(obs).all() and np.isfinite(returns).all(), backend
+        envs.close()
+    assert len({tuple(d.items()) for d in layouts.values()}) == 1, layouts
+
+
+# ---------------------------------------------------------------- item 1: HumanoidCMU on EnvPool
+@needs_envpool
+def test_humanoid_cmu_resolves_to_envpool():
+    assert [pg.VecEnv.envpool_id(t) for t in ["HumanoidCmuStand", "HumanoidCmuWalk", "HumanoidCmuRun"]] == ["HumanoidCMUStand-v1", "HumanoidCMUWalk-v1", "HumanoidCMURun-v1"]
+    assert pg.resolve_backend("HumanoidCmuRun", "auto") == "envpool"
+    assert pg.VecEnv.envpool_id("CheetahRun") == "CheetahRun-v1" and pg.VecEnv.envpool_id("Hopper-v5") == "Hopper-v5"
+
+
+# ---------------------------------------------------------------- item 2: unbounded actuators, capped evaluation
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lqr_actions_pass_through_and_evaluation_ends(backend):
+    envs = pg.VecEnv("LqrLqr21", backend, 1, seed=0)
+    action_space, _ = spaces(envs)
+    assert (action_space.high >= 1e9).all() and not envs.action_bounded.any()  # LQR's actuators are +-1e10
+    a = np.random.default_rng(0).uniform(-1, 1, (5, envs.action_dim)).astype(np.float32)
+    np.testing.assert_array_equal(envs.scale_action(a), a)  # identity, not [-1, 1] -> [-1e10, 1e10]
+    envs.close()
+    calls = []
+
+    def policy(x):
+        calls.append(len(x))
+        return torch.zeros(len(x), 1)
+
+    mean, std = pg.evaluate(policy, "LqrLqr21", backend, 2, 0, "cpu")
+    assert len(calls) == 1000 and np.isfinite([mean, std]).all()
+
+
+def test_evaluation_stops_at_the_time_limit_even_if_episodes_do_not(monkeypatch):
+    """A task whose episodes outlast VecEnv.max_episode_steps (LQR with the limit patched to 50) still evaluates in 50 steps."""
+    init = pg.VecEnv.__init__
+
+    def short_limit(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.max_episode_steps = 50
+
+    monkeypatch.setattr(pg.VecEnv, "__init__", short_limit)
+    calls = []
+    pg.evaluate(lambda x: calls.append(1) or torch.zeros(len(x), 1), "LqrLqr21", "dm_control", 1, 0, "cpu")
+    assert len(calls) == 50
+
+
+def test_gymnasium_time_limit_comes_from_the_env_that_runs_it(capsys):
+    for backend in ["dm_control"] + (["envpool"] if has_envpool() else []):
+        envs = pg.VecEnv("Hopper-v5", backend, 1, seed=0)
+        assert envs.max_episode_steps == gym.spec("Hopper-v5").max_episode_steps == 1000
+        envs.close()
+    if has_envpool():  # Gymnasium 1.x keeps Hopper-v3 as a stub without a limit; EnvPool's port has one
+        assert gym.spec("Hopper-v3").max_episode_steps is None and pg.resolve_backend("Hopper-v3", "auto") == "envpool"
+        envs = pg.VecEnv("Hopper-v3", "envpool", 1, seed=0)
+        assert envs.max_episode_steps == 1000
+        envs.close()
+    gym.register("EndlessPendulum-v0", entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv", max_episode_steps=None)
+    try:
+        with pytest.raises(SystemExit) as e:
+            pg.resolve_backend("EndlessPendulum-v0", "auto")
+    finally:
+        del gym.registry["EndlessPendulum-v0"]
+    assert e.value.code == 2 and "has no time limit" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- item 3: termination on the time-limit step
+def mask_expressions():
+    """The expression each PPO-family main loop assigns to `masks[u, t]`, compiled, by script."""
+    out = {}
+    for name in PPO_FAMILY:
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(ast.unparse(t) == "masks[u, t]" for t in n.targets)]
+        assert len(found) == 1, name
+        out[name] = compile(ast.Expression(found[0]), name, "eval")
+    return out
+
+
+def test_termination_on_the_time_limit_step_stays_a_termination():
+    """Gymnasium's TimeLimit reports both flags when Hopper falls on the last allowed step: every PPO-family loop
+    must keep that step (mask 1, so GAE sees the termination), mask a pure truncation and EnvPool's reset step."""
+    envs = pg.VecEnv("Hopper-v5", "dm_control", 1, seed=0)
+    envs.reset()
+    zero = np.zeros((1, 3), np.float32)
+    for fall in range(1, 1001):  # zero actions: the hopper falls after a few dozen steps
+        if envs.step(zero)[2].any():
+            break
+    envs.close()
+    envs = pg.VecEnv("Hopper-v5", "dm_control", 1, seed=0)
+    envs.envs.envs[0]._max_episode_steps = fall  # the TimeLimit wrapper now ends the episode on the falling step
+    envs.reset()
+    for t in range(fall):
+        _, _, terminated, truncated, valid, _ = envs.step(zero)
+    envs.close()
+    assert terminated.all() and truncated.all() and valid.all()
+    cases = {  # (valid, terminated, truncated) -> mask
+        (True, True, True): 1.0, (True, False, True): 0.0, (True, True, False): 1.0, (True, False, False): 1.0,
+        (False, False, False): 0.0, (False, True, True): 0.0,
+    }
+    for name, expression in mask_expressions().items():
+        assert float(eval(expression, {}, {"valid": valid, "terminated": terminated, "truncated": truncated})[0]) == 1.0, name
+        for (v, te, tr), want in cases.items():
+            got = eval(expression, {}, {"valid": np.array([v]), "terminated": np.array([te]), "truncated": np.array([tr])})
+            assert float(got[0]) == want, (name, v, te, tr)
+
+
+@needs_envpool
+def test_envpool_reports_a_termination_on_the_time_limit_step_as_a_truncation():
+    """What the comment at VecEnv.step says: EnvPool cannot report both flags (it has terminated = done & ~truncated)."""
+    import envpool
+
+    def first_end(max_episode_steps=1000):
+        env = envpool.make("Hopper-v5", env_type="gymnasium", num_envs=1, seed=0, max_episode_steps=max_episode_steps)
+        env.reset()
+        for t in range(1, 1001):
+            _, _, terminated, truncated, _ = env.step(np.zeros((1, 3)))
+            if terminated[0] or truncated[0]:
+                return t, bool(terminated[0]), bool(truncated[0])
+
+    fall, terminated, truncated = first_end()
+    assert terminated and not truncated and fall < 1000
+    assert first_end(fall) == (fall, False, True)
+
+
+# ---------------------------------------------------------------- item 4: Gymnasium ids on EnvPool
+@needs_envpool
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"])
+def test_envpool_port_of_gymnasium_task_is_the_same_task(env_id):
+    """Under `auto` a Gymnasium id runs on EnvPool, so EnvPool's port must be Gymnasium's task. The initial state
+    of EnvPool's env is copied into Gymnasium's (the observation holds qpos[1:] and qvel; x is unobserved and
+    changes neither dynamics nor reward), then both get the same actions through VecEnv: observations, rewards
+    and end flags agree to rounding over 40 steps or the episode, whichever is shorter (afterwards rounding
+    differences grow chaotically: on HalfCheetah from 1e-15 at step 1 to 1e-3 by step ~60). The reset
+    distributions agree in mean and spread over 256 resets."""
+    assert pg.resolve_backend(env_id, "auto") == "envpool"
+    ep, dm = pg.VecEnv(env_id, "envpool", 1, seed=0), pg.VecEnv(env_id, "dm_control", 1, seed=0)
+    assert ep.max_episode_steps == dm.max_episode_steps == ep.envs.spec.config.max_episode_steps
+    (ep_actions, ep_obs), (dm_actions, dm_obs) = spaces(ep), spaces(dm)
+    np.testing.assert_array_equal(ep_actions.low, dm_actions.low)
+    np.testing.assert_array_equal(ep_actions.high, dm_actions.high)
+    assert ep_obs.shape == dm_obs.shape
+    for seed in range(3):
+        raw, _ = ep.envs.reset()  # float64, before VecEnv's float32 flattening
+        dm.reset()
+        sim = dm.envs.envs[0].unwrapped
+        nq = sim.model.nq
+        sim.set_state(np.concatenate([sim.init_qpos[:1], raw[0][: nq - 1]]), raw[0][nq - 1 :])
+        rng = np.random.default_rng(seed)
+        for t in range(1, 41):
+            action = rng.uniform(-1, 1, (1, ep.action_dim)).astype(np.float32)
+            a, b = ep.step(action), dm.step(action)
+            # final_obs: Gymnasium's autoreset already returned the next episode's first observation at an episode end
+            np.testing.assert_allclose(ep.final_obs, dm.final_obs, rtol=0, atol=1e-4, err_msg=f"observation, seed {seed} step {t}")
+            np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-4, err_msg=f"reward, seed {seed} step {t}")
+            for i, flag in [(2, "terminated"), (3, "truncated"), (4, "valid")]:
+                np.testing.assert_array_equal(a[i], b[i], err_msg=f"{flag}, seed {seed} step {t}")
+            if a[2].any() or a[3].any():
+                break
+    ep.close(), dm.close()
+    n = 256
+    ep_first = pg.VecEnv(env_id, "envpool", n, seed=1).reset().astype(np.float64)
+    env = gym.make(env_id)
+    dm_first = np.stack([env.reset(seed=1000 + i)[0] for i in range(n)])
+    env.close()
+    standard_error = np.sqrt(ep_first.var(0) / n + dm_first.var(0) / n)
+    assert (np.abs(ep_first.mean(0) - dm_first.mean(0)) < 5 * standard_error).all()
+    ratio = ep_first.std(0) / dm_first.std(0)
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
