@@ -86,8 +86,11 @@ class Args:
 
     stage_weights: Tuple[float, ...] = (2, 2, 1, 1)
     """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
-    beta: float = 1e-3
-    """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) (paper Eq. 3)"""
+    beta: Tuple[float, ...] = (1e-3,)
+    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value for every stage, or one per stage (the release:
+    5e-4 1e-3 1e-3 1e-3 with `--kl-form release`, whose scale differs: see `kl_to_prior`)"""
+    kl_form: Literal["analytic", "release"] = "analytic"
+    """the penalty: `analytic` KL(pi(z|s) || N(0, I)) (the paper) or `release`, mean mu^2 + mean sigma^2 (the released code)"""
     encoder_reset: Literal["prior", "fresh", "warm", "none"] = "prior"
     """at each stage start: `prior` sets the latent policy to N(0, I) (critic and normalizer kept; the paper);
     `fresh` re-initializes actor, critic and normalizer (released FM code); `warm` restarts from the stage's best
@@ -404,8 +407,8 @@ def check_args(args):
 
 def check_gorl_args(args, steps_per_iteration):
     """GoRL's own settings, refused with one line like the rest. Returns the iterations of each stage."""
-    if not args.beta >= 0:
-        fail(f"--beta must be non-negative, got {args.beta}")
+    if not (all(b >= 0 for b in args.beta) and len(args.beta) in (1, len(args.stage_weights))):
+        fail(f"--beta must be non-negative, one value or one per stage, got {' '.join(map(str, args.beta)) or 'nothing'}")
     if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
         fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
     for name in ["learning_rate_later", "clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
@@ -423,10 +426,13 @@ def check_gorl_args(args, steps_per_iteration):
     return stage_iterations
 
 
-def kl_to_prior(dist):
-    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), per sample: the penalty of paper
-    Eq. 3 that keeps the latents where the decoder was trained. (The released code uses coef * (mean mu^2 + mean
-    sigma^2) instead; we follow the paper's equation.)"""
+def kl_to_prior(dist, form="analytic"):
+    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample. `analytic` (the
+    paper): KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma). `release` (the released
+    code): mean_d mu^2 + mean_d sigma^2; with coefficient c it pulls each mean like the analytic KL with beta = 2c / D
+    (D latent dimensions), but pulls sigma toward 0 instead of 1."""
+    if form == "release":
+        return (dist.mean**2).mean(-1) + (dist.scale**2).mean(-1)
     return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
 
 
@@ -690,6 +696,7 @@ if __name__ == "__main__":
     for iteration in range(1, num_iterations + 1):
         iteration_start, env_time = time.time(), 0.0
         clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
+        beta = args.beta[min(stage, len(args.beta) - 1)]
         for u in range(U):
             for t in range(T):
                 obs[u, t] = torch.as_tensor(next_obs, device=device)
@@ -737,8 +744,8 @@ if __name__ == "__main__":
                 pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
                 v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
                 entropy = dist.entropy().sum(-1).mean()
-                latent_kl = kl_to_prior(dist).mean()
-                loss = pg_loss + v_loss - args.ent_coef * entropy + args.beta * latent_kl
+                latent_kl = kl_to_prior(dist, args.kl_form).mean()
+                loss = pg_loss + v_loss - args.ent_coef * entropy + beta * latent_kl
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -777,6 +784,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/clip_coef", clip_coef, global_step)
+        writer.add_scalar("gorl/beta", beta, global_step)
 
         if global_step >= next_eval or iteration in stage_ends:  # GoRL also evaluates at every stage end
             eval_return = eval_and_log(global_step)

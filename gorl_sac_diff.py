@@ -383,10 +383,13 @@ def check_gorl_sac_args(args):
     return stage_steps
 
 
-def kl_to_prior(dist):
-    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), per sample: the penalty of paper
-    Eq. 3 that keeps the latents where the decoder was trained. (The released code uses coef * (mean mu^2 + mean
-    sigma^2) instead; we follow the paper's equation.)"""
+def kl_to_prior(dist, form="analytic"):
+    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample. `analytic` (the
+    paper): KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma). `release` (the released
+    code): mean_d mu^2 + mean_d sigma^2; with coefficient c it pulls each mean like the analytic KL with beta = 2c / D
+    (D latent dimensions), but pulls sigma toward 0 instead of 1."""
+    if form == "release":
+        return (dist.mean**2).mean(-1) + (dist.scale**2).mean(-1)
     return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
 
 

@@ -9,6 +9,15 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # headless: no GLFW window system warnings
 
+# The in-process tests run tiny networks on a few envs, where one thread is faster than a pool that spins on both
+# cores (and never oversubscribes the machine while a subprocess runs). Subprocesses keep the scripts' own setting.
+# With two test workers (pytest.ini) each worker and each script it starts uses one thread: two runs share the two
+# cores instead of four thread pools spinning on them.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,6 +60,9 @@ def has_envpool():
 
 
 BACKENDS = ["dm_control", pytest.param("envpool", marks=pytest.mark.skipif(not has_envpool(), reason="envpool not installed"))]
+# End-to-end runs: CI runs them on the backend `auto` picks (EnvPool where installed); the other one is `slow`.
+E2E_BACKENDS = ([pytest.param("dm_control", marks=pytest.mark.slow), "envpool"] if has_envpool() else
+                ["dm_control", pytest.param("envpool", marks=pytest.mark.skip(reason="envpool not installed"))])
 
 
 def run_inprocess(name, args, cwd, capsys, monkeypatch):

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # tools, not algorithms: `pytest -m slow` runs them (about two minutes)
+
 
 def bench(tool, args, cwd, timeout=600):
     env = dict(os.environ, MUJOCO_GL="disable")
@@ -17,11 +19,12 @@ def bench(tool, args, cwd, timeout=600):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """PPO and GoRL-Diff, one CPU-sized iteration per stage (3840 steps), on CartpoleBalance, seeds 1 and 2 for PPO."""
+    """PPO and GoRL-Diff, one CPU-sized iteration per stage (3840 steps), on CartpoleBalance, seeds 1 and 2 for PPO; tiny refits."""
     cwd = tmp_path_factory.mktemp("bench")
     common = ["--tasks", "CartpoleBalance", "--evals", "1", "--num-eval-envs", "2", "--env-backend", "dm_control", "--runs", str(cwd / "runs")]
     r1 = bench("run.py", ["--scripts", "ppo_gaussian", "--seeds", "1", "2", "--total-timesteps", "3840", *common, "--", "--save-model"], cwd)
-    r2 = bench("run.py", ["--scripts", "gorl_ppo_diff", "--seeds", "1", "--total-timesteps", "15360", *common, "--", "--save-model", "--refine-episodes", "16"], cwd)
+    r2 = bench("run.py", ["--scripts", "gorl_ppo_diff", "--seeds", "1", "--total-timesteps", "15360", *common, "--", "--save-model", "--refine-episodes", "2",
+                                "--refine-num-envs", "2", "--decoder-epochs", "2"], cwd)
     return cwd, common, r1, r2
 
 

@@ -376,3 +376,26 @@ def test_gorl_ppo_scripts_differ_only_in_the_decoder():
     assert set(fm) == set(diff)
     differing = {k for k in fm if fm[k] != diff[k]}
     assert differing <= {"Decoder", "Args"}, differing  # Args: the release's per-decoder lr and clip defaults
+
+
+# ---------------------------------------------------------------- the release's KL form, per-stage beta
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_release_kl_form_value_and_gradient(name):
+    m = MODULES[name]
+    mu = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    sigma = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    value = m.kl_to_prior(torch.distributions.Normal(mu, sigma), "release")
+    torch.testing.assert_close(value, torch.tensor([(1 + 0) / 2 + (1 + 4) / 2]))  # mean mu^2 + mean sigma^2 = 3
+    value.sum().backward()
+    torch.testing.assert_close(mu.grad, torch.tensor([[1.0, 0.0]]))  # 2 mu / D
+    torch.testing.assert_close(sigma.grad, torch.tensor([[1.0, 2.0]]))  # 2 sigma / D: toward 0, not 1
+
+
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
+def test_per_stage_beta_and_kl_form_are_in_force(tmp_path, capsys, monkeypatch, name):
+    args = [*TINY, "--num-minibatches", "1", "--total-timesteps", "64", "--stage-weights", "1", "1", "--beta", "5e-4", "1e-3",
+            "--kl-form", "release"]
+    s, _, _ = run(name, args, tmp_path, capsys, monkeypatch)
+    assert [round(v, 8) for _, v in s["gorl/beta"]] == [5e-4, 5e-4, 1e-3, 1e-3]
+    # The release form of an N(0, I) latent policy is 0 + 1 = 1 (the analytic KL would be 0): stage 0's first minibatch.
+    assert s["gorl/latent_kl"][0][1] == pytest.approx(1.0, abs=0.05)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
+from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 SCRIPTS = ["gorl_ppo_fm.py", "gorl_ppo_diff.py"]
 DECODER_SCRIPTS = SCRIPTS + ["gorl_sac_diff.py"]  # GoRL-SAC carries the diffusion decoder and refit line for line
@@ -117,6 +117,7 @@ def test_refit_from_the_prior_learns_a_bimodal_action_distribution(decoder_scrip
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args,message", [
     (["--beta", "-0.1"], "--beta must be non-negative"),
+    (["--beta", "1e-3", "1e-3", "--stage-weights", "1", "1", "1"], "one value or one per stage"),
     (["--stage-weights", "1", "0"], "--stage-weights must be one or more positive"),
     (["--stage-weights", "-1"], "--stage-weights must be one or more positive"),
     (["--stage-weights", "100", "1", *TINY, "--total-timesteps", "12800"], "gives a stage less than one iteration"),
@@ -152,7 +153,7 @@ def test_decoder_checkpoint_from_another_script_or_task_is_refused(tmp_path, cap
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", E2E_BACKENDS)
 def test_two_stages_end_to_end_with_stage_budgets_and_reload(tmp_path, script, backend):
     name, _ = script
     # 2 stages of 8 iterations (128 steps each): 2048 training steps; refinement collects 2 episodes (2000 steps).

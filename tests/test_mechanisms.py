@@ -235,7 +235,7 @@ def test_segments_are_consecutive_steps_of_one_env(tmp_path, monkeypatch, name):
     with torch.no_grad():
         sent = ENV_ACTION[name](g, b_obs[:, :-1], g["b_actions"])
     received = torch.as_tensor(np.stack([[train_envs.received[int(e), int(k)] for e, k in zip(es, ks)] for es, ks in zip(env[:, :-1], tick[:, :-1])]))
-    torch.testing.assert_close(sent, received, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sent.double(), received.double(), rtol=0, atol=1e-6)  # the env layer maps actions in float64
 
 
 @pytest.mark.parametrize("name", ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py"])

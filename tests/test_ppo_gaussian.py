@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, has_envpool, load_script, only_run_dir, read_scalars, run_inprocess, run_script
+from conftest import BACKENDS, E2E_BACKENDS, has_envpool, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 pg = load_script("ppo_gaussian.py")
 TINY = ["--num-envs", "2", "--unroll-length", "8", "--batch-size", "2", "--num-minibatches", "8", "--update-epochs", "1",
@@ -212,7 +212,7 @@ def test_non_finite_loss_stops_with_the_iteration(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", E2E_BACKENDS)
 def test_end_to_end_logs_saves_and_reloads(tmp_path, backend):
     # 2 envs x 1024 steps: every env finishes one 1000-step episode, so charts/episodic_return is logged.
     r = run_script("ppo_gaussian.py", ["--env-id", "CheetahRun", "--env-backend", backend, *TINY, "--total-timesteps", "2048", "--save-model"], tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
+from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 SCRIPTS = ["sac_gaussian.py", "gorl_sac_diff.py"]
 MODULES = {name: load_script(name) for name in SCRIPTS}
@@ -270,7 +270,7 @@ def test_checkpoint_from_another_script_is_refused(tmp_path, capsys, monkeypatch
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", E2E_BACKENDS)
 def test_sac_end_to_end_with_save_and_reload(tmp_path, backend):
     r = run_script("sac_gaussian.py", ["--env-id", "Hopper-v5", "--env-backend", backend, *TINY, "--num-envs", "2", "--total-timesteps", "600", "--save-model"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -288,7 +288,7 @@ def test_sac_end_to_end_with_save_and_reload(tmp_path, backend):
     assert reloaded == pytest.approx(s["eval/episodic_return"][-1][1], rel=1e-5, abs=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", E2E_BACKENDS)
 def test_gorl_sac_three_stages_end_to_end_with_save_and_reload(tmp_path, backend):
     # 3 stages of 400/200/200 steps on 2 envs; each restarts SAC with 100 random-latent steps; refits on 2 episodes.
     r = run_script("gorl_sac_diff.py", ["--env-id", "Hopper-v5", "--env-backend", backend, *TINY, "--num-envs", "2", "--total-timesteps", "800",
