@@ -9,11 +9,11 @@ import pytest
 from conftest import only_run_dir, read_scalars, run_script
 
 # The README's main job: CPU-sized GoRL-FM, 100k steps of stage 0 (26 iterations of 3840 steps), one refit on 32
-# episodes, then 6 more iterations against the new decoder.
+# episodes (10 epochs of 256-action minibatches: about 1,100 Adam steps), then 2 more iterations against the new decoder.
 GORL_ARGS = ["--env-id", "InvertedPendulum-v5", "--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8",
-             "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--total-timesteps", "122880",
-             "--stage-weights", "26", "6", "--eval-every", "50000", "--num-eval-envs", "16", "--refine-episodes", "32", "--refine-num-envs", "16",
-             "--decoder-batch-size", "1024"]
+             "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--total-timesteps", "107520",
+             "--stage-weights", "26", "2", "--eval-every", "100000", "--num-eval-envs", "16", "--refine-episodes", "32", "--refine-num-envs", "16",
+             "--decoder-batch-size", "256", "--decoder-epochs", "10"]
 
 
 @pytest.mark.parametrize("name", ["gorl_ppo_fm.py", "gorl_ppo_diff.py"])
