@@ -31,7 +31,7 @@ class Recorder:
     """Every action each SyncVectorEnv receives, with the flat observation it was chosen for, keyed by env count."""
 
     def __init__(self, monkeypatch, flatten):
-        self.calls = {}
+        self.calls, self.by_instance = {}, {}  # by instance: in creation order, one per VecEnv (an evaluation, a refit, ...)
         original_reset, original_step = gym.vector.SyncVectorEnv.reset, gym.vector.SyncVectorEnv.step
         recorder = self
 
@@ -42,6 +42,7 @@ class Recorder:
 
         def step(env, action):
             recorder.calls.setdefault(env.num_envs, []).append((env._recorded_obs, np.array(action, copy=True)))
+            recorder.by_instance.setdefault(id(env), (env.num_envs, []))[1].append((env._recorded_obs, np.array(action, copy=True)))
             out = original_step(env, action)
             env._recorded_obs = flatten(out[0])
             return out
@@ -399,3 +400,21 @@ def test_per_stage_beta_and_kl_form_are_in_force(tmp_path, capsys, monkeypatch, 
     assert [round(v, 8) for _, v in s["gorl/beta"]] == [5e-4, 5e-4, 1e-3, 1e-3]
     # The release form of an N(0, I) latent policy is 0 + 1 = 1 (the analytic KL would be 0): stage 0's first minibatch.
     assert s["gorl/latent_kl"][0][1] == pytest.approx(1.0, abs=0.05)
+
+
+def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_path, capsys, monkeypatch):
+    m = MODULES["gorl_sac_diff.py"]
+    rec = Recorder(monkeypatch, m.VecEnv.flatten)
+    args = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1",
+            "--num-envs", "2", "--num-eval-envs", "3", "--eval-every", "100000", "--total-timesteps", "400", "--stage-weights", "1", "1",
+            "--refine-episodes", "4", "--refine-num-envs", "4", "--decoder-epochs", "2", "--save-model"]
+    s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)
+    decoder = m.Decoder(11, 3, saved_model(run_dir, "gorl_sac_diff.py")["args"]["decoder_hidden"])
+    decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["decoders"][1])
+    evaluations = [calls for num_envs, calls in rec.by_instance.values() if num_envs == 3]
+    assert len(evaluations) == 4  # at 0, at the stage end, right after the refit, at the end
+    # Right after the refit the restarted actor is the prior, so its deterministic latent is z = 0 for every state.
+    obs, actions = (np.stack(x) for x in zip(*evaluations[2]))
+    with torch.no_grad():
+        expected = torch.tanh(decoder(torch.as_tensor(obs).flatten(0, 1), torch.zeros(obs.shape[0] * 3, 3))).numpy()
+    np.testing.assert_allclose(actions.reshape(-1, 3), expected, atol=1e-5)
