@@ -1,7 +1,7 @@
 # Diffusion Policy Policy Optimization (DPPO, Ren et al. 2024), a generative-policy baseline of GoRL (paper Table 1).
 # A copy of ppo_gaussian.py whose actor is a DDPM diffusion policy: its K denoising steps form an inner MDP, each
 # step a Gaussian with a tractable likelihood, and PPO clips one ratio per (transition, denoising step)
-# (SPEC.md 6; upstream irom-princeton/dppo, model/diffusion/diffusion_ppo.py). The GoRL authors' "DPPO" row was
+# (Ren et al. 2024; upstream irom-princeton/dppo, model/diffusion/diffusion_ppo.py). The GoRL authors' "DPPO" row was
 # FPO's `denoising_mdp` mode instead (Euler flow steps with a fixed noise scale); this is DPPO as published.
 import difflib
 import logging
@@ -133,7 +133,7 @@ class VecEnv:
     episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
     the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
     False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
     where an episode just ended: there it is the observation the episode ended in (what an off-policy target
     bootstraps from at a time limit), not the next episode's first one.
     """
@@ -376,7 +376,7 @@ def check_args(args):
 
 class Agent(nn.Module):
     """Epsilon-prediction actor 4x32 (inputs [obs_norm, x_t, temb(t / K)]) and critic 5x256, SiLU MLPs, with DDPM's
-    cosine schedule (s = 0.008) over K steps (SPEC.md 6)."""
+    cosine schedule (s = 0.008) over K steps, DPPO's default."""
 
     def __init__(self, obs_dim, action_dim, denoising_steps, min_std):
         super().__init__()
@@ -572,7 +572,7 @@ if __name__ == "__main__":
                     residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, logprob, approx_kl, clipfrac, explained_var]))
-        # The normalizer merges the new batch only after the update on it ("rollout-consistent", SPEC.md 1).
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
         obs_rms.update(obs[:, :T])
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration

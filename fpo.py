@@ -1,6 +1,6 @@
 # Flow Policy Optimization (FPO, McAllister et al. 2025), a generative-policy baseline of GoRL (paper Table 1, "FPO").
 # A copy of ppo_gaussian.py whose actor is a flow-matching policy; PPO's likelihood ratio is replaced by the
-# exponentiated difference of conditional flow-matching losses at stored (eps, t) samples (SPEC.md 5; upstream
+# exponentiated difference of conditional flow-matching losses at stored (eps, t) samples (McAllister et al. 2025; upstream
 # akanazawa/fpo, playground/src/flow_policy/fpo.py).
 import difflib
 import logging
@@ -132,7 +132,7 @@ class VecEnv:
     episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
     the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
     False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
     where an episode just ended: there it is the observation the episode ended in (what an off-policy target
     bootstraps from at a time limit), not the next episode's first one.
     """
@@ -374,7 +374,7 @@ def check_args(args):
 
 
 class Agent(nn.Module):
-    """Flow actor 4x32 (inputs [obs_norm, x_t, temb(t)], output times 0.25) and critic 5x256, SiLU MLPs (SPEC.md 5)."""
+    """Flow actor 4x32 (inputs [obs_norm, x_t, temb(t)], output times 0.25) and critic 5x256, SiLU MLPs, as upstream FPO."""
 
     def __init__(self, obs_dim, action_dim, flow_steps, samples_per_action):
         super().__init__()
@@ -555,7 +555,7 @@ if __name__ == "__main__":
                     residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, cfm, approx_kl, clipfrac, explained_var]))
-        # The normalizer merges the new batch only after the update on it ("rollout-consistent", SPEC.md 1).
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
         obs_rms.update(obs[:, :T])
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration

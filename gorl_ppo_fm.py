@@ -1,4 +1,4 @@
-# GoRL with a PPO encoder and a flow-matching decoder (paper Sec. 3, App. E; SPEC.md 3), CleanRL style. PPO trains a
+# GoRL with a PPO encoder and a flow-matching decoder (paper Sec. 3, App. E), CleanRL style. PPO trains a
 # latent policy z ~ pi(z|s); the env receives tanh(g(s, z)), g frozen in a stage and refit from N(0, I) between stages.
 import copy
 import difflib
@@ -164,7 +164,7 @@ class VecEnv:
     episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
     the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
     False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
     where an episode just ended: there it is the observation the episode ended in (what an off-policy target
     bootstraps from at a time limit), not the next episode's first one.
     """
@@ -437,7 +437,7 @@ def kl_to_prior(dist, form="analytic"):
 
 
 class Agent(nn.Module):
-    """Actor 4x32 and critic 5x256 SiLU MLPs on normalized observations (SPEC.md 1)."""
+    """Actor 4x32 and critic 5x256 SiLU MLPs on normalized observations, as the authors' released networks."""
 
     def __init__(self, obs_dim, action_dim):
         super().__init__()
@@ -761,7 +761,7 @@ if __name__ == "__main__":
                     residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, entropy, approx_kl, clipfrac, explained_var, latent_kl, dist.mean.mean(), dist.scale.mean()]))
-        # The normalizer merges the new batch only after the update on it ("rollout-consistent", SPEC.md 1).
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
         obs_rms.update(obs[:, :T])
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration

@@ -1,4 +1,4 @@
-# GoRL with a SAC encoder and a diffusion decoder (paper App. F.2, SPEC.md 7): sac_gaussian.py where SAC acts in latent
+# GoRL with a SAC encoder and a diffusion decoder (paper App. F.2): sac_gaussian.py where SAC acts in latent
 # space. The actor samples z ~ pi(z|s), the critics learn Q(s, z), the env receives tanh(g(s, z)) with g frozen in a stage.
 import copy
 import difflib
@@ -148,7 +148,7 @@ class VecEnv:
     episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
     the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
     False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
     where an episode just ended: there it is the observation the episode ended in (what an off-policy target
     bootstraps from at a time limit), not the next episode's first one.
     """

@@ -1,5 +1,5 @@
 # Soft Actor-Critic with a tanh-Gaussian policy: the baseline of GoRL's off-policy variant (paper App. F.2), CleanRL's
-# SAC in this repository's skeleton (SPEC.md 7). Vectorized envs, a device replay buffer, --utd-ratio updates per step.
+# SAC in this repository's skeleton (CleanRL's sac_continuous_action.py). Vectorized envs, a device replay buffer, --utd-ratio updates per step.
 import copy
 import difflib
 import logging
@@ -125,7 +125,7 @@ class VecEnv:
     episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
     the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
     False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (SPEC.md 1). After a step, `final_obs` is the returned obs except
+    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
     where an episode just ended: there it is the observation the episode ended in (what an off-policy target
     bootstraps from at a time limit), not the next episode's first one.
     """
