@@ -61,8 +61,8 @@ class Args:
     """the number of passes over the iteration's segments"""
     learning_rate: float = 1e-3
     """the learning rate of the encoder's optimizer in stage 0 (constant within a stage)"""
-    learning_rate_later: float = 1e-3
-    """the learning rate of the encoder's optimizer in stages 1, 2, ..."""
+    learning_rate_later: Tuple[float, ...] = (1e-3,)
+    """the learning rate of the encoder's optimizer in stages 1, 2, ...: one value, or one per later stage (the last repeats)"""
     gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -77,6 +77,8 @@ class Args:
     """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
     max_grad_norm: float = 0.5
     """the maximum global norm for gradient clipping; 0 disables it"""
+    max_grad_norm_later: Optional[float] = None
+    """the gradient clipping norm in stages 1, 2, ... (the release: 1.0 on WalkerWalk and FingerTurnHard); default: --max-grad-norm"""
     reward_scale: float = 10.0
     """rewards are multiplied by this before GAE"""
     eval_every: int = 6_000_000
@@ -411,7 +413,11 @@ def check_gorl_args(args, steps_per_iteration):
         fail(f"--beta must be non-negative, one value or one per stage, got {' '.join(map(str, args.beta)) or 'nothing'}")
     if len(args.stage_weights) == 0 or not all(w > 0 for w in args.stage_weights):
         fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
-    for name in ["learning_rate_later", "clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
+    if not (args.learning_rate_later and all(lr > 0 for lr in args.learning_rate_later)):
+        fail(f"--learning-rate-later must be one or more positive numbers, got {' '.join(map(str, args.learning_rate_later)) or 'nothing'}")
+    if args.max_grad_norm_later is not None and not args.max_grad_norm_later >= 0:
+        fail(f"--max-grad-norm-later must be non-negative, got {args.max_grad_norm_later}")
+    for name in ["clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.decoder_steps < 0 or (args.decoder_steps == 0 and args.decoder_epochs <= 0):
@@ -697,6 +703,7 @@ if __name__ == "__main__":
         iteration_start, env_time = time.time(), 0.0
         clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
         beta = args.beta[min(stage, len(args.beta) - 1)]
+        max_grad_norm = args.max_grad_norm if stage == 0 or args.max_grad_norm_later is None else args.max_grad_norm_later
         for u in range(U):
             for t in range(T):
                 obs[u, t] = torch.as_tensor(next_obs, device=device)
@@ -749,8 +756,8 @@ if __name__ == "__main__":
 
                 optimizer.zero_grad()
                 loss.backward()
-                if args.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                if max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(agent.parameters(), max_grad_norm)
                 optimizer.step()
 
                 with torch.no_grad():
@@ -785,6 +792,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/clip_coef", clip_coef, global_step)
         writer.add_scalar("gorl/beta", beta, global_step)
+        writer.add_scalar("charts/max_grad_norm", max_grad_norm, global_step)
 
         if global_step >= next_eval or iteration in stage_ends:  # GoRL also evaluates at every stage end
             eval_return = eval_and_log(global_step)
@@ -812,8 +820,8 @@ if __name__ == "__main__":
                 obs_rms = RunningMeanStd(obs_dim).to(device)
             agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
             if args.encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
-                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate_later, eps=1e-8)
-            optimizer.param_groups[0]["lr"] = args.learning_rate_later
+                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
+            optimizer.param_groups[0]["lr"] = args.learning_rate_later[min(stage - 1, len(args.learning_rate_later) - 1)]
             best = (-float("inf"), None)
             # The new decoder with the restarted encoder, before any PPO update: what the refit alone gives.
             refit_return = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device)[0]

@@ -418,3 +418,12 @@ def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_pat
     with torch.no_grad():
         expected = torch.tanh(decoder(torch.as_tensor(obs).flatten(0, 1), torch.zeros(obs.shape[0] * 3, 3))).numpy()
     np.testing.assert_allclose(actions.reshape(-1, 3), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LOOP_SCRIPTS)
+def test_later_stage_learning_rates_and_gradient_clipping_are_in_force(tmp_path, capsys, monkeypatch, name):
+    args = [*TINY, "--num-minibatches", "1", "--total-timesteps", "48", "--stage-weights", "1", "1", "1", "--learning-rate", "1e-3",
+            "--learning-rate-later", "4e-4", "2e-4", "--max-grad-norm", "0.5", "--max-grad-norm-later", "0.7"]
+    s, _, _ = run(name, args, tmp_path, capsys, monkeypatch)
+    assert [round(v, 8) for _, v in s["charts/learning_rate"]] == [1e-3, 4e-4, 2e-4]
+    assert [round(v, 6) for _, v in s["charts/max_grad_norm"]] == [0.5, 0.7, 0.7]
