@@ -42,6 +42,10 @@ class Args:
     """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+    checkpoint_every: Optional[int] = None
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after every refit"""
+    resume: Optional[str] = None
+    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and log dir"""
 
     env_id: str = "HopperStand"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
@@ -287,6 +291,62 @@ class VecEnv:
         scaled = np.clip(self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high)
         return np.where(self.action_bounded, scaled, action)
 
+    # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
+    episode_model_fields = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos", "site_quat")
+
+    def get_state(self):
+        """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
+        cannot export its envs (a resumed EnvPool run starts new episodes). Per env: MuJoCo's integration state, the
+        model entries above, the env's RNG, its step counters, and the running episode's return and length."""
+        if self.backend == "envpool":
+            return None
+        import mujoco
+
+        states = []
+        for env in self.envs.envs:
+            time_limit, inner, model, data = self.parts(env)
+            physics = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
+            mujoco.mj_getState(model, data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+            rng = inner.np_random  # dm_control's RandomState through shimmy, a Generator for Gymnasium's envs
+            rng = rng.bit_generator.state if isinstance(rng, np.random.Generator) else mt19937_state(rng.get_state())
+            dmc_env = getattr(inner, "_env", None)
+            states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
+                           "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
+                           "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
+        return {"envs": states, "episode_return": torch.from_numpy(self.episode_return), "episode_length": torch.from_numpy(self.episode_length)}
+
+    def set_state(self, state):
+        """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
+        if state is None or self.backend == "envpool":
+            return
+        import mujoco
+
+        for env, saved in zip(self.envs.envs, state["envs"]):
+            time_limit, inner, model, data = self.parts(env)
+            for k, v in saved["model"].items():
+                getattr(model, k)[:] = v.numpy()
+            mujoco.mj_setState(model, data, saved["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+            mujoco.mj_forward(model, data)  # the derived quantities a step starts from (dm_control steps mj_step2 first)
+            if isinstance(inner.np_random, np.random.Generator):
+                inner.np_random.bit_generator.state = saved["rng"]
+            else:
+                inner.np_random.set_state(mt19937_state(saved["rng"]))
+            time_limit._elapsed_steps = saved["elapsed"]
+            if saved["dmc_steps"] is not None:
+                inner._env._step_count, inner._env._reset_next_step = saved["dmc_steps"]
+        self.episode_return[:], self.episode_length[:] = state["episode_return"].numpy(), state["episode_length"].numpy()
+
+    @staticmethod
+    def parts(env):
+        """A Gymnasium env's TimeLimit wrapper, its innermost env and the MuJoCo model and data that env steps."""
+        time_limit = env
+        while not isinstance(time_limit, gym.wrappers.TimeLimit):
+            time_limit = time_limit.env
+        inner = env.unwrapped
+        if hasattr(inner, "_env"):  # shimmy around a dm_control Environment
+            return time_limit, inner, inner._env.physics.model.ptr, inner._env.physics.data.ptr
+        return time_limit, inner, inner.model, inner.data
+
     def close(self):
         self.envs.close()
 
@@ -376,16 +436,73 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None)
     return float(returns.mean()), float(returns.std())
 
 
+def mt19937_state(state):
+    """NumPy's legacy RNG state tuple with its key array as a tensor, and back (checkpoints hold tensors, not arrays)."""
+    name, key, pos, has_gauss, gauss = state
+    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else torch.from_numpy(key.astype(np.int64))
+    return name, key, pos, has_gauss, gauss
+
+
+def rng_state():
+    """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(mt19937_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, checkpoint):
+    """Writes a temporary file and renames it over `path`: a kill during the write leaves the previous checkpoint."""
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
 def load_checkpoint(path):
-    """Loads a model saved by this script, refusing one written by another script."""
+    """Loads a checkpoint written by this script, without running any code from it (weights_only: tensors and
+    plain values only), refusing a truncated file or one written by another script."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        fail(f"cannot read checkpoint {path!r}: {e}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     script = os.path.basename(__file__)
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
     return checkpoint
+
+
+def resumed_args(args, checkpoint):
+    """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
+    task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
+    may_differ = {"resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+    defaults, saved = vars(Args()), checkpoint["args"]
+    for name, value in vars(args).items():
+        if name not in may_differ and value != defaults[name] and value != saved[name]:
+            fail(f"--resume: checkpoint {args.resume!r} is a run with --{name.replace('_', '-')} {saved[name]}, not {value}")
+    return Args(**{**saved, **{name: getattr(args, name) for name in may_differ if getattr(args, name) != defaults[name]}})
+
+
+def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
+    """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
+    the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
+    return {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name, "obs_dim": next_obs.shape[1],
+            "action_dim": envs.action_dim, "envs": envs.get_state(), "next_obs": torch.from_numpy(next_obs), "rng": rng_state(), "loop": loop,
+            **{name: module.state_dict() for name, module in modules.items()}}
+
+
+def restore_checkpoint(checkpoint, envs, next_obs, modules):
+    """Loads `make_checkpoint`'s result into `modules` and the envs, sets every RNG, and returns the loop's counters
+    and the next observation (on EnvPool, the one of the new episodes `next_obs`)."""
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
+    envs.set_state(checkpoint["envs"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
 def check_args(args):
@@ -399,6 +516,8 @@ def check_args(args):
     for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        fail(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
@@ -628,6 +747,8 @@ def fit_decoder(data, args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
+    args = resumed_args(args, checkpoint) if checkpoint is not None else args
     os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -642,13 +763,13 @@ if __name__ == "__main__":
         agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
         agent.load_state_dict(checkpoint["agent"])
         decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], saved.decoder_hidden).to(device)
-        decoder.load_state_dict(checkpoint["decoders"][-1])
+        decoder.load_state_dict(checkpoint["decoder"])
         mean, std = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
         sys.exit(0)
 
     check_args(args)
-    backend = resolve_backend(args.env_id, args.env_backend)
+    backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     if args.capture_video and backend != "dm_control":
         fail("--capture-video renders through dm_control; add --env-backend dm_control")
     if args.capture_video:
@@ -660,14 +781,16 @@ if __name__ == "__main__":
     stage_iterations = check_gorl_args(args, steps_per_iteration)
     num_iterations, stage_ends = sum(stage_iterations), list(np.cumsum(stage_iterations))
     unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
+    checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps in stages of {stage_iterations}")
@@ -691,17 +814,21 @@ if __name__ == "__main__":
             fail(f"--decoder-checkpoint {args.decoder_checkpoint!r} was trained on {saved['args']['env_id']}, not {args.env_id}")
         if saved["args"]["decoder_hidden"] != args.decoder_hidden:
             fail(f"--decoder-checkpoint {args.decoder_checkpoint!r} has --decoder-hidden {saved['args']['decoder_hidden']}; pass the same")
-        decoder.load_state_dict(saved["decoders"][-1])
-    decoders, stage, refine_steps, best = [copy.deepcopy(decoder.state_dict())], 0, 0, (-float("inf"), None)
+        decoder.load_state_dict(saved["decoder"])
+    decoders, stage, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0
+    best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}  # the stage's best encoder
+
+    def run_modules():
+        """The networks, optimizer and normalizers a checkpoint holds (a stage boundary replaces some of them)."""
+        return {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder, "best_agent": best["agent"], "best_obs_rms": best["obs_rms"]}
 
     def eval_and_log(global_step):
-        global best
         video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
         mean, std = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
         writer.add_scalar("eval/episodic_return", mean, global_step)
         writer.add_scalar("eval/episodic_return_std", std, global_step)
-        if mean > best[0]:  # the stage's best encoder, for --refine-from best
-            best = (mean, copy.deepcopy((agent, obs_rms)))
+        if mean > best["return"]:  # the stage's best encoder, for --refine-from best and --encoder-reset warm
+            best.update({"return": mean, "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)})
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
@@ -711,9 +838,14 @@ if __name__ == "__main__":
     logprobs = torch.zeros((U, T, N), device=device)
     rewards, terminations, masks = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
 
-    global_step, train_time, eval_return, train_return = 0, 0.0, eval_and_log(0), float("nan")
-    next_eval = args.eval_every
-    for iteration in range(1, num_iterations + 1):
+    iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
+    if checkpoint is None:
+        eval_return = eval_and_log(0)
+    else:
+        loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, run_modules())
+        iteration, global_step, train_time, eval_return, train_return = (loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
+        stage, refine_steps, decoders, best["return"] = loop["stage"], loop["refine_steps"], loop["decoders"], loop["best_return"]
+    for iteration in range(iteration + 1, num_iterations + 1):
         iteration_start, env_time = time.time(), 0.0
         clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
         beta = args.beta[min(stage, len(args.beta) - 1)]
@@ -808,13 +940,12 @@ if __name__ == "__main__":
         writer.add_scalar("gorl/beta", beta, global_step)
         writer.add_scalar("charts/max_grad_norm", max_grad_norm, global_step)
 
-        if global_step >= next_eval or iteration in stage_ends:  # GoRL also evaluates at every stage end
-            eval_return = eval_and_log(global_step)
-            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+        if global_step // args.eval_every > (global_step - steps_per_iteration) // args.eval_every or iteration in stage_ends:
+            eval_return = eval_and_log(global_step)  # GoRL also evaluates at every stage end
         if iteration in stage_ends[:-1]:
             # Decoder refinement (paper Alg. 1): collect with the stage's encoder and decoder, fit a new decoder
             # from the fixed prior, then restart the encoder against it. These env steps are not in global_step.
-            encoder_return, (encoder, rms) = best if args.refine_from == "best" else (eval_return, (agent, obs_rms))
+            encoder_return, encoder, rms = (best["return"], best["agent"], best["obs_rms"]) if args.refine_from == "best" else (eval_return, agent, obs_rms)
 
             def refine_policy(x):
                 z = encoder.act(rms(x))[0]
@@ -829,14 +960,14 @@ if __name__ == "__main__":
                 writer.add_scalar(name, float(value), global_step)
             stage += 1
             if args.encoder_reset == "warm":  # the stage's best encoder with its normalizer (released diffusion code)
-                agent, obs_rms = copy.deepcopy(best[1])
+                agent, obs_rms = copy.deepcopy(best["agent"]), copy.deepcopy(best["obs_rms"])
             if args.encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
                 obs_rms = RunningMeanStd(obs_dim).to(device)
             agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
             if args.encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
                 optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
             optimizer.param_groups[0]["lr"] = args.learning_rate_later[min(stage - 1, len(args.learning_rate_later) - 1)]
-            best = (-float("inf"), None)
+            best["return"] = -float("inf")
             # The new decoder with the restarted encoder, before any PPO update: what the refit alone gives.
             refit_return = evaluate(lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0])), args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device)[0]
             writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
@@ -844,12 +975,14 @@ if __name__ == "__main__":
                   f"decoder loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} ({time.time() - refine_start:.0f}s)")
         eta = (num_iterations - iteration) * train_time / iteration
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+        if global_step // checkpoint_every > (global_step - steps_per_iteration) // checkpoint_every or iteration in stage_ends:
+            loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return, "train_return": train_return,
+                    "stage": stage, "refine_steps": refine_steps, "decoders": decoders, "best_return": best["return"]}
+            save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
 
-    envs.close()
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
-                    "agent": agent.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders,
-                    "optimizer": optimizer.state_dict()}, model_path)
+        save_checkpoint(model_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
         print(f"model saved to {model_path}")
+    envs.close()
     writer.close()

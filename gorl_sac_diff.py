@@ -43,6 +43,10 @@ class Args:
     """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
+    checkpoint_every: Optional[int] = None
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after every refit"""
+    resume: Optional[str] = None
+    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and log dir"""
 
     env_id: str = "Hopper-v5"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
@@ -268,6 +272,62 @@ class VecEnv:
         scaled = np.clip(self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high)
         return np.where(self.action_bounded, scaled, action)
 
+    # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
+    episode_model_fields = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos", "site_quat")
+
+    def get_state(self):
+        """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
+        cannot export its envs (a resumed EnvPool run starts new episodes). Per env: MuJoCo's integration state, the
+        model entries above, the env's RNG, its step counters, and the running episode's return and length."""
+        if self.backend == "envpool":
+            return None
+        import mujoco
+
+        states = []
+        for env in self.envs.envs:
+            time_limit, inner, model, data = self.parts(env)
+            physics = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
+            mujoco.mj_getState(model, data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+            rng = inner.np_random  # dm_control's RandomState through shimmy, a Generator for Gymnasium's envs
+            rng = rng.bit_generator.state if isinstance(rng, np.random.Generator) else mt19937_state(rng.get_state())
+            dmc_env = getattr(inner, "_env", None)
+            states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
+                           "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
+                           "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
+        return {"envs": states, "episode_return": torch.from_numpy(self.episode_return), "episode_length": torch.from_numpy(self.episode_length)}
+
+    def set_state(self, state):
+        """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
+        if state is None or self.backend == "envpool":
+            return
+        import mujoco
+
+        for env, saved in zip(self.envs.envs, state["envs"]):
+            time_limit, inner, model, data = self.parts(env)
+            for k, v in saved["model"].items():
+                getattr(model, k)[:] = v.numpy()
+            mujoco.mj_setState(model, data, saved["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+            mujoco.mj_forward(model, data)  # the derived quantities a step starts from (dm_control steps mj_step2 first)
+            if isinstance(inner.np_random, np.random.Generator):
+                inner.np_random.bit_generator.state = saved["rng"]
+            else:
+                inner.np_random.set_state(mt19937_state(saved["rng"]))
+            time_limit._elapsed_steps = saved["elapsed"]
+            if saved["dmc_steps"] is not None:
+                inner._env._step_count, inner._env._reset_next_step = saved["dmc_steps"]
+        self.episode_return[:], self.episode_length[:] = state["episode_return"].numpy(), state["episode_length"].numpy()
+
+    @staticmethod
+    def parts(env):
+        """A Gymnasium env's TimeLimit wrapper, its innermost env and the MuJoCo model and data that env steps."""
+        time_limit = env
+        while not isinstance(time_limit, gym.wrappers.TimeLimit):
+            time_limit = time_limit.env
+        inner = env.unwrapped
+        if hasattr(inner, "_env"):  # shimmy around a dm_control Environment
+            return time_limit, inner, inner._env.physics.model.ptr, inner._env.physics.data.ptr
+        return time_limit, inner, inner.model, inner.data
+
     def close(self):
         self.envs.close()
 
@@ -334,16 +394,73 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None)
     return float(returns.mean()), float(returns.std())
 
 
+def mt19937_state(state):
+    """NumPy's legacy RNG state tuple with its key array as a tensor, and back (checkpoints hold tensors, not arrays)."""
+    name, key, pos, has_gauss, gauss = state
+    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else torch.from_numpy(key.astype(np.int64))
+    return name, key, pos, has_gauss, gauss
+
+
+def rng_state():
+    """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(mt19937_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, checkpoint):
+    """Writes a temporary file and renames it over `path`: a kill during the write leaves the previous checkpoint."""
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
 def load_checkpoint(path):
-    """Loads a model saved by this script, refusing one written by another script."""
+    """Loads a checkpoint written by this script, without running any code from it (weights_only: tensors and
+    plain values only), refusing a truncated file or one written by another script."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        fail(f"cannot read checkpoint {path!r}: {e}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     script = os.path.basename(__file__)
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
     return checkpoint
+
+
+def resumed_args(args, checkpoint):
+    """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
+    task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
+    may_differ = {"resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+    defaults, saved = vars(Args()), checkpoint["args"]
+    for name, value in vars(args).items():
+        if name not in may_differ and value != defaults[name] and value != saved[name]:
+            fail(f"--resume: checkpoint {args.resume!r} is a run with --{name.replace('_', '-')} {saved[name]}, not {value}")
+    return Args(**{**saved, **{name: getattr(args, name) for name in may_differ if getattr(args, name) != defaults[name]}})
+
+
+def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
+    """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
+    the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
+    return {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name, "obs_dim": next_obs.shape[1],
+            "action_dim": envs.action_dim, "envs": envs.get_state(), "next_obs": torch.from_numpy(next_obs), "rng": rng_state(), "loop": loop,
+            **{name: module.state_dict() for name, module in modules.items()}}
+
+
+def restore_checkpoint(checkpoint, envs, next_obs, modules):
+    """Loads `make_checkpoint`'s result into `modules` and the envs, sets every RNG, and returns the loop's counters
+    and the next observation (on EnvPool, the one of the new episodes `next_obs`)."""
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
+    envs.set_state(checkpoint["envs"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
 def check_sac_args(args):
@@ -356,6 +473,8 @@ def check_sac_args(args):
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not (args.alpha >= 0 and args.learning_starts >= 0):
         fail(f"--alpha and --learning-starts must be non-negative, got {args.alpha} and {args.learning_starts}")
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        fail(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     if not (0 < args.gamma <= 1 and 0 < args.tau <= 1):
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
     if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
@@ -476,6 +595,15 @@ class ReplayBuffer:
     def sample(self, batch_size):
         idx = torch.randint(self.size, (batch_size,), device=self.obs.device)
         return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+
+    def state_dict(self):
+        """The filled part, for a checkpoint (a full buffer of 1M Hopper transitions is about 110 MB)."""
+        return {"pos": self.pos, "size": self.size, **{k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "rewards", "dones")}}
+
+    def load_state_dict(self, state):
+        for k in ("obs", "next_obs", "actions", "rewards", "dones"):
+            getattr(self, k)[: state["size"]] = state[k]
+        self.pos, self.size = state["pos"], state["size"]
 
 
 def soft_update(target, online, tau):
@@ -664,6 +792,8 @@ def fit_decoder(data, args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
+    args = resumed_args(args, checkpoint) if checkpoint is not None else args
     os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -678,13 +808,13 @@ if __name__ == "__main__":
         actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
         actor.load_state_dict(checkpoint["actor"])
         decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], saved.decoder_hidden).to(device)
-        decoder.load_state_dict(checkpoint["decoders"][-1])
+        decoder.load_state_dict(checkpoint["decoder"])
         mean, std = evaluate(lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x))[2])), saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
         sys.exit(0)
 
     check_sac_args(args)
-    backend = resolve_backend(args.env_id, args.env_backend)
+    backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     if args.capture_video and backend != "dm_control":
         fail("--capture-video renders through dm_control; add --env-backend dm_control")
     if args.capture_video:
@@ -694,14 +824,16 @@ if __name__ == "__main__":
             fail("--capture-video needs moviepy: pip install moviepy")
     stage_steps = check_gorl_sac_args(args)
     num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
+    checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step, stages of {stage_steps} steps")
@@ -730,9 +862,24 @@ if __name__ == "__main__":
     buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
 
-    global_step, updates, train_time, eval_return, train_return = 0, 0, 0.0, eval_and_log(0), float("nan")
-    next_eval, q_stats, pi_stats, step_start = args.eval_every, [], [], time.time()
-    for step in range(1, num_steps + 1):
+    def run_modules():
+        """The networks, optimizers, normalizer and replay buffer a checkpoint holds (SAC's log-alpha is in `loop`)."""
+        return {"actor": sac.actor, "qf1": sac.qf1, "qf2": sac.qf2, "qf1_target": sac.qf1_target, "qf2_target": sac.qf2_target, "q_optimizer": sac.q_optimizer,
+                "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer, "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
+
+    step, global_step, updates, train_time, eval_return, train_return = 0, 0, 0, 0.0, float("nan"), float("nan")
+    next_eval, next_checkpoint, q_stats, pi_stats = args.eval_every, checkpoint_every, [], []
+    if checkpoint is None:
+        eval_return = eval_and_log(0)
+    else:
+        loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, run_modules())
+        step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (
+            loop[k] for k in ("step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
+        with torch.no_grad():
+            sac.log_alpha.copy_(loop["log_alpha"])
+        stage, stage_start, refine_steps, decoders = loop["stage"], loop["stage_start"], loop["refine_steps"], loop["decoders"]
+    step_start = time.time()
+    for step in range(step + 1, num_steps + 1):
         obs = torch.as_tensor(next_obs, device=device)
         if global_step - stage_start < args.learning_starts:  # every stage starts with an empty buffer
             action = torch.randn((N, action_dim), device=device)  # random latents: the prior N(0, I)
@@ -804,12 +951,17 @@ if __name__ == "__main__":
                 writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
                 print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), "
                       f"decoder loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} ({time.time() - refine_start:.0f}s)")
+            if global_step >= next_checkpoint or step in stage_ends:
+                next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
+                loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return, "train_return": train_return,
+                        "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
+                        "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps, "decoders": decoders}
+                save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
             step_start = time.time()
 
-    envs.close()
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "obs_dim": obs_dim, "action_dim": action_dim,
-                    "actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "obs_rms": obs_rms.state_dict(), "decoders": decoders}, model_path)
+        save_checkpoint(model_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
         print(f"model saved to {model_path}")
+    envs.close()
     writer.close()

@@ -55,7 +55,7 @@ def load_policy(path):
         latent, mean = (lambda x: net.act(obs_rms(x))[0]), (lambda x: net.act(obs_rms(x), deterministic=True)[0])
     if "decoders" in checkpoint:  # GoRL: the env receives tanh(g(s, z))
         decoder = m.Decoder(obs_dim, action_dim, saved.decoder_hidden)
-        decoder.load_state_dict(checkpoint["decoders"][-1])
+        decoder.load_state_dict(checkpoint["decoder"])
         return script, saved, (lambda x: torch.tanh(decoder(x, latent(x)))), (lambda x: torch.tanh(decoder(x, mean(x))))
     return script, saved, (lambda x: torch.tanh(latent(x))), (lambda x: torch.tanh(mean(x)))
 

@@ -90,7 +90,7 @@ def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_pat
     rec = Recorder(monkeypatch, m.VecEnv.flatten)
     s, run_dir, _ = run(name, [*TINY, "--total-timesteps", "128", "--stage-weights", "1", "--decoder-checkpoint", str(path), "--save-model"],
                         tmp_path, capsys, monkeypatch)
-    loaded = saved_model(run_dir, name)["decoders"][0]
+    loaded = saved_model(run_dir, name)["loop"]["decoders"][0]
     assert all(torch.equal(loaded[k], v) for k, v in decoder.state_dict().items())  # exactly the saved decoder, not a decoy
     # In the first rollout the encoder is exactly N(0, I) (prior reset), so atanh(action) - 3 must be N(0, 1) samples;
     # tanh(z) alone would be centred at 0.
@@ -410,7 +410,7 @@ def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_pat
             "--refine-episodes", "4", "--refine-num-envs", "4", "--decoder-epochs", "2", "--save-model"]
     s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)
     decoder = m.Decoder(11, 3, saved_model(run_dir, "gorl_sac_diff.py")["args"]["decoder_hidden"])
-    decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["decoders"][1])
+    decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["loop"]["decoders"][1])
     evaluations = [calls for num_envs, calls in rec.by_instance.values() if num_envs == 3]
     assert len(evaluations) == 4  # at 0, at the stage end, right after the refit, at the end
     # Right after the refit the restarted actor is the prior, so its deterministic latent is z = 0 for every state.

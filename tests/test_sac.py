@@ -303,9 +303,9 @@ def test_gorl_sac_three_stages_end_to_end_with_save_and_reload(tmp_path, backend
         assert key in s, key
     model = os.path.join(run_dir, "gorl_sac_diff.cleanrl_model")
     checkpoint = torch.load(model, weights_only=False)
-    assert len(checkpoint["decoders"]) == 3
-    assert torch.equal(checkpoint["decoders"][0]["net.8.weight"], torch.zeros_like(checkpoint["decoders"][0]["net.8.weight"]))  # stage 0's stayed the identity
-    assert not torch.equal(checkpoint["decoders"][2]["net.8.weight"], torch.zeros_like(checkpoint["decoders"][2]["net.8.weight"]))
+    assert len(checkpoint["loop"]["decoders"]) == 3
+    assert torch.equal(checkpoint["loop"]["decoders"][0]["net.8.weight"], torch.zeros_like(checkpoint["loop"]["decoders"][0]["net.8.weight"]))  # stage 0's stayed the identity
+    assert not torch.equal(checkpoint["loop"]["decoders"][2]["net.8.weight"], torch.zeros_like(checkpoint["loop"]["decoders"][2]["net.8.weight"]))
     r = run_script("gorl_sac_diff.py", ["--eval-checkpoint", model], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     reloaded = float(re.search(r"eval/episodic_return=([-\d.e+]+)", r.stdout).group(1))
