@@ -30,7 +30,7 @@ def load_script(name):
 
 def load_policy(path):
     """Returns (script, args, stochastic policy, deterministic policy); both map raw observations to env actions."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if script not in NAMES:
         sys.exit(f"error: {path!r} is not a checkpoint of one of this repository's scripts")

@@ -62,7 +62,7 @@ def run(name, args, tmp_path, capsys, monkeypatch):
 
 
 def saved_model(run_dir, name):
-    return torch.load(f"{run_dir}/{name.replace('.py', '.cleanrl_model')}", weights_only=False)
+    return torch.load(f"{run_dir}/{name.replace('.py', '.cleanrl_model')}", weights_only=True)
 
 
 def shifted_decoder(m, obs_dim, action_dim, hidden=64, shift=3.0):
@@ -84,9 +84,9 @@ def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_pat
     other = m.Decoder(11, 3, 64)
     torch.nn.init.normal_(other.net[-1].weight)
     path = tmp_path / "decoders.cleanrl_model"
-    # The last saved decoder is the one to load; the others are decoys.
-    torch.save({"script": name, "args": {"env_id": "Hopper-v5", "decoder_hidden": 64},
-                "decoders": [m.Decoder(11, 3, 64).state_dict(), other.state_dict(), decoder.state_dict()]}, path)
+    # The run's current decoder is the one to load; the earlier stages' decoders are decoys.
+    torch.save({"script": name, "args": {"env_id": "Hopper-v5", "decoder_hidden": 64}, "decoder": decoder.state_dict(),
+                "loop": {"decoders": [m.Decoder(11, 3, 64).state_dict(), other.state_dict()]}}, path)
     rec = Recorder(monkeypatch, m.VecEnv.flatten)
     s, run_dir, _ = run(name, [*TINY, "--total-timesteps", "128", "--stage-weights", "1", "--decoder-checkpoint", str(path), "--save-model"],
                         tmp_path, capsys, monkeypatch)

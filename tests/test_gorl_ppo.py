@@ -168,7 +168,7 @@ def test_two_stages_end_to_end_with_stage_budgets_and_reload(tmp_path, script, b
     assert [step for step, _ in s["eval/episodic_return"]] == [0, 1024, 2048]  # start and every stage end
     for key in ["perf/env_share", "perf/inference_share", "perf/update_share", "perf/rollout_SPS", "gorl/latent_kl", "gorl/latent_mean", "gorl/latent_std", "decoder/train_loss", "decoder/val_loss", "gorl/refine_return", "gorl/eval_after_refit"]:
         assert key in s, key
-    checkpoint = torch.load(os.path.join(run_dir, name.replace(".py", ".cleanrl_model")), weights_only=False)
+    checkpoint = torch.load(os.path.join(run_dir, name.replace(".py", ".cleanrl_model")), weights_only=True)
     assert len(checkpoint["loop"]["decoders"]) == 2 and "obs_mean" in checkpoint["loop"]["decoders"][1]
     assert not torch.equal(checkpoint["loop"]["decoders"][1]["net.8.weight"], torch.zeros_like(checkpoint["loop"]["decoders"][1]["net.8.weight"]))
 

@@ -182,6 +182,7 @@ class TickEnvs:
         self.tick = np.zeros(self.n)
         self.received = {}
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.envs = []  # no per-env state for VecEnv.get_state to save
         TickEnvs.instances.append(self)
 
     def observation(self):

@@ -302,7 +302,7 @@ def test_gorl_sac_three_stages_end_to_end_with_save_and_reload(tmp_path, backend
     for key in ["gorl/latent_kl", "decoder/train_loss", "decoder/val_loss", "gorl/refine_return", "gorl/refine_steps", "losses/qf1_loss", "losses/actor_loss"]:
         assert key in s, key
     model = os.path.join(run_dir, "gorl_sac_diff.cleanrl_model")
-    checkpoint = torch.load(model, weights_only=False)
+    checkpoint = torch.load(model, weights_only=True)
     assert len(checkpoint["loop"]["decoders"]) == 3
     assert torch.equal(checkpoint["loop"]["decoders"][0]["net.8.weight"], torch.zeros_like(checkpoint["loop"]["decoders"][0]["net.8.weight"]))  # stage 0's stayed the identity
     assert not torch.equal(checkpoint["loop"]["decoders"][2]["net.8.weight"], torch.zeros_like(checkpoint["loop"]["decoders"][2]["net.8.weight"]))
