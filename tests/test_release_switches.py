@@ -17,9 +17,9 @@ FAST_ENV = ["--env-id", "InvertedPendulum-v5", "--env-backend", "dm_control", "-
 ONE_UPDATE = ["--num-minibatches", "1", "--update-epochs", "1"]
 TINY_BASE = [*FAST_ENV, *ONE_UPDATE, "--num-envs", "4", "--unroll-length", "8", "--batch-size", "8"]  # 64 steps/iteration
 # GoRL: 2 training envs, 1 evaluation env, 3 refinement envs; one minibatch of 2 segments of 8 steps: 16 steps/iteration.
-TINY_GORL = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--num-envs", "2", "--unroll-length", "8", "--batch-size", "2",
-             "--num-minibatches", "1", "--update-epochs", "1", "--num-eval-envs", "1", "--eval-every", "100000",
-             "--refine-episodes", "3", "--refine-num-envs", "3", "--decoder-epochs", "2", "--decoder-batch-size", "256"]
+TINY_GORL = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--num-envs", "2", "--unroll-length", "8",
+             "--batch-size", "2", "--num-minibatches", "1", "--update-epochs", "1", "--num-eval-envs", "1",
+             "--eval-every", "100000", "--refine-episodes", "3", "--refine-num-envs", "3", "--decoder-epochs", "2", "--decoder-batch-size", "256"]
 ppo = load_script("ppo_gaussian.py")
 
 
@@ -75,7 +75,8 @@ def test_legacy_batch_only_std_shrinks_like_one_over_sqrt_batches():
 @pytest.mark.parametrize("name", BASELINES)
 def test_baseline_loop_uses_the_legacy_accumulation(tmp_path, monkeypatch, name):
     # Two iterations; the last merge must be upstream's: the old mean follows from the new one, the count and the batch.
-    g = run_main(name, [*TINY_BASE, "--total-timesteps", "128", "--obs-stats-accumulation", "legacy_batch_only"], tmp_path, monkeypatch)
+    args = [*TINY_BASE, "--total-timesteps", "128", "--obs-stats-accumulation", "legacy_batch_only"]
+    g = run_main(name, args, tmp_path, monkeypatch)
     rms, x = g["obs_rms"], g["obs"][:, : g["T"]].reshape(-1, g["obs_dim"]).double()
     total, n = rms.count.item(), len(x)
     assert total == 128
@@ -89,7 +90,8 @@ def test_baseline_loop_uses_the_legacy_accumulation(tmp_path, monkeypatch, name)
 def test_pre_update_timing_normalizes_the_batch_with_statistics_that_include_it(tmp_path, monkeypatch, name):
     raw_of = lambda g: g["obs"].transpose(1, 2).reshape(-1, g["T"] + 1, g["obs_dim"])  # noqa: E731
     (tmp_path / "legacy").mkdir(), (tmp_path / "default").mkdir()
-    g = run_main(name, [*TINY_BASE, "--total-timesteps", "64", "--obs-stats-timing", "legacy_pre_update"], tmp_path / "legacy", monkeypatch)
+    args = [*TINY_BASE, "--total-timesteps", "64", "--obs-stats-timing", "legacy_pre_update"]
+    g = run_main(name, args, tmp_path / "legacy", monkeypatch)
     raw = raw_of(g)
     assert g["obs_rms"].count.item() == 64  # one iteration, merged once (before its update)
     torch.testing.assert_close(g["b_obs"], g["obs_rms"](raw))
@@ -152,18 +154,20 @@ def test_gorl_accumulation_per_stage_matches_a_reference_on_the_recorded_observa
 @pytest.mark.parametrize("name,extra", [("ppo_gaussian.py", []), ("gorl_ppo_fm.py", ["--stage-weights", "1"])])
 def test_tanh_entropy_correction_adds_the_log_jacobian(tmp_path, monkeypatch, name, extra):
     (tmp_path / "on").mkdir(), (tmp_path / "off").mkdir()
-    g = run_main(name, [*TINY_BASE, "--total-timesteps", "64", *extra, "--tanh-entropy-correction"], tmp_path / "on", monkeypatch)
+    args = [*TINY_BASE, "--total-timesteps", "64", *extra]
+    g = run_main(name, [*args, "--tanh-entropy-correction"], tmp_path / "on", monkeypatch)
     plain = g["dist"].entropy().sum(-1).mean().item()
     # log(1 - tanh(u)^2) < 0 for every u: the corrected entropy is below the Gaussian one by about D * E[log(1 - tanh^2)].
     assert g["entropy"].item() < plain - 0.05, (g["entropy"].item(), plain)
-    g = run_main(name, [*TINY_BASE, "--total-timesteps", "64", *extra], tmp_path / "off", monkeypatch)
+    g = run_main(name, args, tmp_path / "off", monkeypatch)
     assert g["entropy"].item() == pytest.approx(g["dist"].entropy().sum(-1).mean().item(), abs=1e-6)
 
 
 # ---------------------------------------------------------------- per-stage encoder restarts
 def test_encoder_reset_per_stage(tmp_path, capsys, monkeypatch):
     # prior, then fresh (new actor, critic, normalizer and Adam), then none (everything kept): 3 stages of 2 iterations.
-    args = [*TINY_GORL, "--total-timesteps", "96", "--stage-weights", "1", "1", "1", "--save-model", "--encoder-reset", "prior", "fresh", "none"]
+    args = [*TINY_GORL, "--total-timesteps", "96", "--stage-weights", "1", "1", "1", "--save-model",
+            "--encoder-reset", "prior", "fresh", "none"]
     s, run_dir = run("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     assert [v for _, v in s["gorl/stage"]] == [0, 0, 1, 1, 2, 2]
     model = torch.load(os.path.join(run_dir, "gorl_ppo_fm.cleanrl_model"), weights_only=False)
@@ -174,7 +178,8 @@ def test_encoder_reset_per_stage(tmp_path, capsys, monkeypatch):
 def test_prior_best_takes_critic_and_normalizer_from_the_best_encoder(tmp_path, capsys, monkeypatch):
     # Stage 0 evaluates at step 0 and at its end (32 steps); with this seed the step-0 encoder is the best one, so
     # `prior-best` restarts from its normalizer (count 0) where `prior` keeps the last one (count 32).
-    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--save-model", "--encoder-reset", "prior-best"]
+    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--save-model",
+            "--encoder-reset", "prior-best"]
     s, run_dir = run("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     evals = [v for _, v in s["eval/episodic_return"]]
     assert evals[0] > evals[1], f"precondition: the step-0 encoder must be stage 0's best, got {evals}"
@@ -185,14 +190,15 @@ def test_prior_best_takes_critic_and_normalizer_from_the_best_encoder(tmp_path, 
 
 
 def test_per_stage_lists_longer_than_the_stages_are_refused(tmp_path, capsys, monkeypatch):
-    code, _, err = run_inprocess("gorl_ppo_fm.py", [*TINY_GORL, "--stage-weights", "1", "1", "--encoder-reset", "prior", "fresh", "warm"],
-                                 tmp_path, capsys, monkeypatch)
+    args = [*TINY_GORL, "--stage-weights", "1", "1", "--encoder-reset", "prior", "fresh", "warm"]
+    code, _, err = run_inprocess("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--encoder-reset takes one value or one per stage" in err, err
 
 
 def test_entropy_coefficient_of_the_later_stages(tmp_path, monkeypatch):
     # 2 stages; the last minibatch is in stage 1, whose loss must carry --ent-coef-later, not --ent-coef.
-    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--ent-coef", "0.01", "--ent-coef-later", "3.0"]
+    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--ent-coef", "0.01",
+            "--ent-coef-later", "3.0"]
     g = run_main("gorl_ppo_fm.py", args, tmp_path, monkeypatch)
     assert g["stage"] == 1
     rest = g["loss"] - (g["pg_loss"] + g["v_loss"] + g["beta"] * g["latent_kl"])
