@@ -19,7 +19,8 @@ TINY_BASE = [*FAST_ENV, *ONE_UPDATE, "--num-envs", "4", "--unroll-length", "8", 
 # GoRL: 2 training envs, 1 evaluation env, 3 refinement envs; one minibatch of 2 segments of 8 steps: 16 steps/iteration.
 TINY_GORL = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--num-envs", "2", "--unroll-length", "8",
              "--batch-size", "2", "--num-minibatches", "1", "--update-epochs", "1", "--num-eval-envs", "1",
-             "--eval-every", "100000", "--refine-episodes", "3", "--refine-num-envs", "3", "--decoder-epochs", "2", "--decoder-batch-size", "256"]
+             "--eval-every", "100000", "--refine-episodes", "3", "--refine-num-envs", "3", "--decoder-epochs", "2",
+             "--decoder-batch-size", "256"]
 ppo = load_script("ppo_gaussian.py")
 
 
