@@ -83,13 +83,20 @@ class Args:
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
+    obs_stats_accumulation: Literal["cumulative", "legacy_batch_only"] = "cumulative"
+    """the observation normalizer: `cumulative` merges every batch (the GoRL release's fix) or `legacy_batch_only`,
+    upstream FPO's, whose variance keeps only the last batch while the count grows (the paper's PPO/FPO/DPPO runs)"""
+    obs_stats_timing: Literal["rollout_consistent", "legacy_pre_update"] = "rollout_consistent"
+    """merge a batch into the normalizer after the update on it (`rollout_consistent`: the statistics that acted on it)
+    or before (`legacy_pre_update`, upstream FPO: the update normalizes with statistics that include the batch)"""
 
     denoising_steps: int = 10
     """K, the denoising steps of the chain (each one a step of the inner MDP)"""
     min_std: float = 0.1
     """floor on the std of every denoising step, for exploration and a bounded likelihood"""
-    gamma_denoising: float = 0.99
-    """the loss of denoising step k (k = K-1 the noisiest) is weighted by gamma_denoising^k"""
+    gamma_denoising: float = 1.0
+    """the loss of denoising step k (k = K-1 the noisiest) is weighted by gamma_denoising^k; 1 as DPPO's from-scratch
+    configs (cfg/gym/scratch/*/ppo_diffusion_mlp.yaml), 0.99 is its fine-tuning value"""
 
 
 def fail(message):
@@ -329,12 +336,15 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x):
+    def update(self, x, accumulate=True):
+        """`accumulate=False` is upstream FPO's normalizer (418c255, playground/src/flow_policy/math_utils.py,
+        `RunningStats.update`; the GoRL release's `legacy_batch_only`): the sum of squares keeps only this batch's
+        sum((x - old mean)(x - new mean)) while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
         self.mean.add_(delta * n / total)
         self.var.copy_(m2 / total)
         self.count.copy_(total)
@@ -532,20 +542,23 @@ class Agent(nn.Module):
         dist = self.step_dist(x.unsqueeze(-2).expand(*t.shape[:-1], x.shape[-1]), chain[..., :-1, :], t)
         return dist.log_prob(chain[..., 1:, :]).clamp(-5.0, 2.0).mean(-1)
 
-    def act(self, x, generator=None):
-        """Samples the chain x_K ~ N(0, I) -> ... -> x_0 (step noise clipped to +-3 as upstream). Evaluation samples the
-        chain too (with a fixed-seed generator). Returns (chain [B, K + 1, A], its step log-probs [B, K], action):
-        the action is x_0 clipped to [-1, 1], with no tanh, as in DPPO (the one place the skeleton's tanh does not apply)."""
+    def act(self, x, generator=None, deterministic=False):
+        """Samples the chain x_K ~ N(0, I) -> ... -> x_0 (step noise clipped to +-3 as upstream). Returns (chain
+        [B, K + 1, A], its step log-probs [B, K], action): the action is x_0 clipped to [-1, 1], with no tanh, as in
+        DPPO (the one place the skeleton's tanh does not apply). `deterministic` is DPPO's evaluation sampling
+        (model/diffusion/diffusion_vpg.py, `forward`, DDPM branch): every step keeps the schedule's own posterior std
+        floored at 1e-3 instead of --min-std, and the last step (t = 0) adds no noise; its log-probs are those of
+        the --min-std steps, unused."""
         x_t = torch.randn(x.shape[0], self.actor[-1].out_features, device=x.device, generator=generator)
         chain, logprobs = [x_t], []
         for t in range(self.K - 1, -1, -1):
             dist = self.step_dist(x, x_t, torch.full_like(x_t[:, :1], float(t)))
             noise = torch.randn(x_t.shape, device=x.device, generator=generator).clamp(-3.0, 3.0)
-            x_t = dist.mean + dist.stddev * noise
+            std = dist.stddev if not deterministic else self.std[t].clamp(min=1e-3) if t > 0 else torch.zeros(())
+            x_t = dist.mean + std * noise
             chain.append(x_t)
             logprobs.append(dist.log_prob(x_t).clamp(-5.0, 2.0).mean(-1))
         return torch.stack(chain, 1), torch.stack(logprobs, 1), x_t.clamp(-1.0, 1.0)
-
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
@@ -565,7 +578,8 @@ if __name__ == "__main__":
         agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved.denoising_steps, saved.min_std).to(device)
         agent.load_state_dict(checkpoint["agent"])
         generator = torch.Generator(device).manual_seed(saved.seed + 100_000)
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2],
+                             saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
         sys.exit(0)
 
@@ -595,7 +609,7 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
-    writer.add_text("eval", "DPPO evaluation samples the denoising chain (fixed seed), as upstream")
+    writer.add_text("eval", "DPPO's deterministic sampling (schedule std, floor 1e-3, no noise at the last step), fixed seed")
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
 
     random.seed(args.seed)
@@ -613,7 +627,8 @@ if __name__ == "__main__":
     def eval_and_log(global_step):
         video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
         generator = torch.Generator(device).manual_seed(args.seed + 100_000)  # the same evaluation noise every time
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2],
+                             args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
         writer.add_scalar("eval/episodic_return", mean, global_step)
         writer.add_scalar("eval/episodic_return_std", std, global_step)
         return mean
@@ -654,7 +669,11 @@ if __name__ == "__main__":
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
+        accumulate = args.obs_stats_accumulation == "cumulative"
+        if args.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
+            obs_rms.update(obs[:, :T], accumulate)
+        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them
+        # (with legacy_pre_update, statistics that include them, while the stored log-probs came from the old ones).
         b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
         b_actions = actions.transpose(1, 2).reshape(U * N, T, K + 1, action_dim)
         b_logprobs = logprobs.transpose(1, 2).reshape(U * N, T, K)
@@ -701,7 +720,8 @@ if __name__ == "__main__":
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, logprob, approx_kl, clipfrac, explained_var]))
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
-        obs_rms.update(obs[:, :T])
+        if args.obs_stats_timing == "rollout_consistent":
+            obs_rms.update(obs[:, :T], accumulate)
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration
         if not torch.isfinite(stats[:, :3]).all():

@@ -77,6 +77,12 @@ class Args:
     """the surrogate clipping coefficient in stages 1, 2, ..."""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
+    ent_coef_later: Tuple[float, ...] = ()
+    """the entropy coefficient in stages 1, 2, ...: one value or one per later stage (the last repeats); none given:
+    --ent-coef (the release: 0.005 in stage 3 of GoRL-Diffusion on FishSwim)"""
+    tanh_entropy_correction: bool = False
+    """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
+    FPO's PPO (418c255, playground/src/flow_policy/ppo.py) that ran the paper's PPO row; the GoRL release has it off"""
     vf_coef: float = 0.25
     """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
     max_grad_norm: float = 0.5
@@ -89,6 +95,12 @@ class Args:
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
+    obs_stats_accumulation: Tuple[Literal["cumulative", "legacy_batch_only"], ...] = ("cumulative",)
+    """the observation normalizer, one value or one per stage (the last repeats): `cumulative` merges every batch (the
+    release's fix) or `legacy_batch_only`, upstream FPO's: the variance keeps only the last batch, the count grows"""
+    obs_stats_timing: Tuple[Literal["rollout_consistent", "legacy_pre_update"], ...] = ("rollout_consistent",)
+    """one value or one per stage (the last repeats): merge a batch into the normalizer after the update on it
+    (`rollout_consistent`) or before (`legacy_pre_update`, upstream FPO: the update sees statistics including it)"""
 
     stage_weights: Tuple[float, ...] = (2, 2, 1, 1)
     """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
@@ -97,10 +109,12 @@ class Args:
     5e-4 1e-3 1e-3 1e-3 with `--kl-form release`, whose scale differs: see `kl_to_prior`)"""
     kl_form: Literal["analytic", "release"] = "analytic"
     """the penalty: `analytic` KL(pi(z|s) || N(0, I)) (the paper) or `release`, mean mu^2 + mean sigma^2 (the released code)"""
-    encoder_reset: Literal["prior", "fresh", "warm", "none"] = "prior"
-    """at each stage start: `prior` sets the latent policy to N(0, I) (critic and normalizer kept; the paper);
-    `fresh` re-initializes actor, critic and normalizer (released FM code); `warm` restarts from the stage's best
-    encoder with its normalizer (released diffusion code); `none` keeps training the last encoder (ablation 4.3.2)"""
+    encoder_reset: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ("prior",)
+    """the encoder at each stage start, one value or one per stage (the last repeats): `prior` sets the latent policy
+    to N(0, I), critic and normalizer kept (the paper); `prior-best` takes critic and normalizer from the stage's best
+    encoder (the release's `gaussian_warm_value`); `fresh` re-initializes actor, critic and normalizer (released FM
+    code); `warm` restarts from the stage's best encoder with its normalizer (released diffusion code); `none` keeps
+    training the last encoder (ablation 4.3.2). Stage 0 starts at N(0, I) for prior*, else from a fresh init."""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
@@ -362,12 +376,15 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x):
+    def update(self, x, accumulate=True):
+        """`accumulate=False` is upstream FPO's normalizer (418c255, playground/src/flow_policy/math_utils.py,
+        `RunningStats.update`; the GoRL release's `legacy_batch_only`): the sum of squares keeps only this batch's
+        sum((x - old mean)(x - new mean)) while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
         self.mean.add_(delta * n / total)
         self.var.copy_(m2 / total)
         self.count.copy_(total)
@@ -534,6 +551,12 @@ def check_gorl_args(args, steps_per_iteration):
         fail(f"--stage-weights must be one or more positive numbers, got {' '.join(map(str, args.stage_weights)) or 'nothing'}")
     if not (args.learning_rate_later and all(lr > 0 for lr in args.learning_rate_later)):
         fail(f"--learning-rate-later must be one or more positive numbers, got {' '.join(map(str, args.learning_rate_later)) or 'nothing'}")
+    for name in ["encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]:
+        if not 1 <= len(getattr(args, name)) <= len(args.stage_weights):
+            fail(f"--{name.replace('_', '-')} takes one value or one per stage ({len(args.stage_weights)} stages), "
+                 f"got {' '.join(getattr(args, name)) or 'nothing'}")
+    if not all(c >= 0 for c in args.ent_coef_later):
+        fail(f"--ent-coef-later must be non-negative, got {' '.join(map(str, args.ent_coef_later))}")
     if args.max_grad_norm_later is not None and not args.max_grad_norm_later >= 0:
         fail(f"--max-grad-norm-later must be non-negative, got {args.max_grad_norm_later}")
     for name in ["clip_coef_later", "decoder_lr", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_hidden"]:
@@ -588,8 +611,9 @@ class Agent(nn.Module):
 def reset_encoder(agent, mode, obs_dim, action_dim):
     """The encoder at a stage start (paper Sec. 3, stage-wise re-initialization). `prior`: a freshly initialized
     actor whose last layer makes the latent policy exactly N(0, I) for any observation (mean 0; scale
-    softplus(b) + 1e-3 = 1), critic kept. `fresh`: actor and critic re-initialized. `warm` and `none` return the
-    encoder they are given (the loop passes the stage's best one for `warm`). The loop resets the normalizer for `fresh`."""
+    softplus(b) + 1e-3 = 1), critic kept (`prior-best` is the same; the loop passes the stage's best encoder). `fresh`:
+    actor and critic re-initialized. `warm` and `none` return the encoder they are given (the loop passes the stage's
+    best one for `warm`). The loop resets the normalizer for `fresh`."""
     if mode in ("none", "warm"):
         return agent
     new = Agent(obs_dim, action_dim).to(next(agent.parameters()).device)
@@ -790,7 +814,7 @@ if __name__ == "__main__":
     next_obs = envs.reset()
     obs_dim, action_dim = next_obs.shape[1], envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
-    agent = reset_encoder(Agent(obs_dim, action_dim).to(device), args.encoder_reset, obs_dim, action_dim)
+    agent = reset_encoder(Agent(obs_dim, action_dim).to(device), args.encoder_reset[0], obs_dim, action_dim)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
     # Stage 0 decodes with the identity (a fresh decoder), or with a saved one (frozen-decoder study, Sec. 4.3.3).
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device)
@@ -835,6 +859,10 @@ if __name__ == "__main__":
         iteration_start, env_time = time.time(), 0.0
         clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
         beta = args.beta[min(stage, len(args.beta) - 1)]
+        ent_coef_later = args.ent_coef_later or (args.ent_coef,)
+        ent_coef = args.ent_coef if stage == 0 else ent_coef_later[min(stage, len(ent_coef_later)) - 1]
+        obs_stats_accumulation = args.obs_stats_accumulation[min(stage, len(args.obs_stats_accumulation) - 1)]
+        obs_stats_timing = args.obs_stats_timing[min(stage, len(args.obs_stats_timing) - 1)]
         max_grad_norm = args.max_grad_norm if stage == 0 or args.max_grad_norm_later is None else args.max_grad_norm_later
         for u in range(U):
             for t in range(T):
@@ -855,7 +883,11 @@ if __name__ == "__main__":
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
+        accumulate = obs_stats_accumulation == "cumulative"
+        if obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
+            obs_rms.update(obs[:, :T], accumulate)
+        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them
+        # (with legacy_pre_update, statistics that include them, while the stored log-probs came from the old ones).
         b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
         b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
         b_logprobs = logprobs.transpose(1, 2).reshape(U * N, T)
@@ -883,8 +915,11 @@ if __name__ == "__main__":
                 pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
                 v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
                 entropy = dist.entropy().sum(-1).mean()
+                if args.tanh_entropy_correction:  # upstream FPO's PPO: + log|d tanh(u) / du| = 2 (log 2 - u - softplus(-2u))
+                    sample = dist.rsample()
+                    entropy = entropy + (2 * (np.log(2) - sample - F.softplus(-2 * sample))).sum(-1).mean()
                 latent_kl = kl_to_prior(dist, args.kl_form).mean()
-                loss = pg_loss + v_loss - args.ent_coef * entropy + beta * latent_kl
+                loss = pg_loss + v_loss - ent_coef * entropy + beta * latent_kl
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -901,7 +936,8 @@ if __name__ == "__main__":
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, entropy, approx_kl, clipfrac, explained_var, latent_kl, dist.mean.mean(), dist.scale.mean()]))
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
-        obs_rms.update(obs[:, :T])
+        if obs_stats_timing == "rollout_consistent":
+            obs_rms.update(obs[:, :T], accumulate)
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration
         if not torch.isfinite(stats[:, :3]).all():
@@ -924,6 +960,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/clip_coef", clip_coef, global_step)
         writer.add_scalar("gorl/beta", beta, global_step)
+        writer.add_scalar("charts/ent_coef", ent_coef, global_step)
         writer.add_scalar("charts/max_grad_norm", max_grad_norm, global_step)
 
         if global_step // args.eval_every > (global_step - steps_per_iteration) // args.eval_every or iteration in stage_ends:
@@ -945,12 +982,13 @@ if __name__ == "__main__":
             for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_encoder_eval", encoder_return), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
                 writer.add_scalar(name, float(value), global_step)
             stage += 1
-            if args.encoder_reset == "warm":  # the stage's best encoder with its normalizer (released diffusion code)
+            encoder_reset = args.encoder_reset[min(stage, len(args.encoder_reset) - 1)]
+            if encoder_reset in ("warm", "prior-best"):  # the stage's best encoder with its normalizer (the release)
                 agent, obs_rms = copy.deepcopy(best["agent"]), copy.deepcopy(best["obs_rms"])
-            if args.encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
+            if encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
                 obs_rms = RunningMeanStd(obs_dim).to(device)
-            agent = reset_encoder(agent, args.encoder_reset, obs_dim, action_dim)
-            if args.encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
+            agent = reset_encoder(agent, encoder_reset, obs_dim, action_dim)
+            if encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
                 optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
             optimizer.param_groups[0]["lr"] = args.learning_rate_later[min(stage - 1, len(args.learning_rate_later) - 1)]
             best["return"] = -float("inf")

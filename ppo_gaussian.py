@@ -72,6 +72,9 @@ class Args:
     """the surrogate clipping coefficient"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
+    tanh_entropy_correction: bool = False
+    """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
+    FPO's PPO (418c255, playground/src/flow_policy/ppo.py) that ran the paper's PPO row; the GoRL release has it off"""
     vf_coef: float = 0.25
     """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
     max_grad_norm: float = 0.0
@@ -82,6 +85,12 @@ class Args:
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
+    obs_stats_accumulation: Literal["cumulative", "legacy_batch_only"] = "cumulative"
+    """the observation normalizer: `cumulative` merges every batch (the GoRL release's fix) or `legacy_batch_only`,
+    upstream FPO's, whose variance keeps only the last batch while the count grows (the paper's PPO/FPO/DPPO runs)"""
+    obs_stats_timing: Literal["rollout_consistent", "legacy_pre_update"] = "rollout_consistent"
+    """merge a batch into the normalizer after the update on it (`rollout_consistent`: the statistics that acted on it)
+    or before (`legacy_pre_update`, upstream FPO: the update normalizes with statistics that include the batch)"""
 
 
 def fail(message):
@@ -321,12 +330,15 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x):
+    def update(self, x, accumulate=True):
+        """`accumulate=False` is upstream FPO's normalizer (418c255, playground/src/flow_policy/math_utils.py,
+        `RunningStats.update`; the GoRL release's `legacy_batch_only`): the sum of squares keeps only this batch's
+        sum((x - old mean)(x - new mean)) while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
         self.mean.add_(delta * n / total)
         self.var.copy_(m2 / total)
         self.count.copy_(total)
@@ -609,7 +621,11 @@ if __name__ == "__main__":
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them.
+        accumulate = args.obs_stats_accumulation == "cumulative"
+        if args.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
+            obs_rms.update(obs[:, :T], accumulate)
+        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them
+        # (with legacy_pre_update, statistics that include them, while the stored log-probs came from the old ones).
         b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
         b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
         b_logprobs = logprobs.transpose(1, 2).reshape(U * N, T)
@@ -637,6 +653,9 @@ if __name__ == "__main__":
                 pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
                 v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
                 entropy = dist.entropy().sum(-1).mean()
+                if args.tanh_entropy_correction:  # upstream FPO's PPO: + log|d tanh(u) / du| = 2 (log 2 - u - softplus(-2u))
+                    sample = dist.rsample()
+                    entropy = entropy + (2 * (np.log(2) - sample - F.softplus(-2 * sample))).sum(-1).mean()
                 loss = pg_loss + v_loss - args.ent_coef * entropy
 
                 optimizer.zero_grad()
@@ -654,7 +673,8 @@ if __name__ == "__main__":
                     explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
                     stats.append(torch.stack([loss, pg_loss, v_loss, entropy, approx_kl, clipfrac, explained_var]))
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
-        obs_rms.update(obs[:, :T])
+        if args.obs_stats_timing == "rollout_consistent":
+            obs_rms.update(obs[:, :T], accumulate)
 
         stats = torch.stack(stats)  # one device-to-host copy per iteration
         if not torch.isfinite(stats[:, :3]).all():

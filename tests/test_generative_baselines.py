@@ -80,6 +80,32 @@ def test_dppo_actions_stay_in_bounds():
     assert action.abs().max() <= 1.0
 
 
+def test_dppo_deterministic_sampling_is_upstreams_rule():
+    # DPPO's evaluation (model/diffusion/diffusion_vpg.py, forward, DDPM branch): every step keeps the schedule's own
+    # posterior std floored at 1e-3 (not --min-std) and the step that makes the action adds no noise. Rebuild each step
+    # of the returned chain from a twin of the generator and check it against that rule.
+    torch.manual_seed(3)
+    agent = dppo.Agent(5, 3, denoising_steps=10, min_std=0.5)  # 0.5 is above the schedule's std at steps 1..5
+    torch.nn.init.normal_(agent.actor[-1].weight, std=0.5)
+    obs = torch.randn(64, 5)
+    with torch.no_grad():
+        chain, _, action = agent.act(obs, torch.Generator().manual_seed(7), deterministic=True)
+        twin = torch.Generator().manual_seed(7)
+        torch.testing.assert_close(chain[:, 0], torch.randn(64, 3, generator=twin), rtol=0, atol=0)
+        for k, t in enumerate(range(9, -1, -1)):
+            mean = agent.step_dist(obs, chain[:, k], torch.full((64, 1), float(t))).mean
+            noise = torch.randn(64, 3, generator=twin).clamp(-3.0, 3.0)
+            std = agent.std[t].clamp(min=1e-3) if t > 0 else 0.0
+            torch.testing.assert_close(chain[:, k + 1], mean + std * noise, msg=lambda m: f"step t={t}: {m}")
+        last = agent.step_dist(obs, chain[:, 9], torch.zeros(64, 1)).mean
+        assert torch.equal(chain[:, 10], last), "the last denoising step added noise"
+        torch.testing.assert_close(action, last.clamp(-1.0, 1.0), rtol=0, atol=0)
+        again = agent.act(obs, torch.Generator().manual_seed(7), deterministic=True)[2]
+        sampled = agent.act(obs, torch.Generator().manual_seed(7))[2]
+    assert torch.equal(action, again)  # the same generator seed, the same evaluation actions
+    assert (sampled - action).abs().max() > 0.05  # the training sampler differs (--min-std noise, also at the end)
+
+
 # ---------------------------------------------------------------- both
 @pytest.mark.parametrize("name", ["fpo.py", "dppo.py"])
 def test_first_minibatch_after_a_rollout_has_ratio_one(tmp_path, name):
