@@ -195,6 +195,12 @@ def check_resources(args, backend):
     An env's memory is mostly MuJoCo's per-env model and data arena (HopperStand: 12.5 MB on either backend; DogRun
     76 MB on dm_control, 106 MB on EnvPool), so it is measured: the resident memory a few envs of this task and
     backend add. The peak holds the training envs plus the larger of the evaluation and GoRL refinement envs."""
+    available = memory_available()
+    others = max(args.num_eval_envs, getattr(args, "refine_num_envs", 0))
+    # Building a few DMC envs takes seconds, so small runs skip the probe when 256 MiB per env (over twice the largest
+    # measured, DogRun on EnvPool) fits anyway.
+    if args.num_envs <= 64 and (available is None or (args.num_envs + others) * 2**28 <= 0.9 * available):
+        return
     probes, probe_steps = 8, 10  # fewer envs overstate: a pool's own fixed cost (EnvPool: ~40 MB) is shared by fewer
     warm = VecEnv(args.env_id, backend, 1, args.seed)  # one-time costs (imports, EnvPool's thread pool, assets)
     warm.reset()
@@ -208,8 +214,6 @@ def check_resources(args, backend):
     per_env = None if before is None else max(resident_bytes() - before, 0) / probes
     sample.close()
     warm.close()
-    available = memory_available()
-    others = max(args.num_eval_envs, getattr(args, "refine_num_envs", 0))
     need = None if per_env is None else per_env * (args.num_envs + others)
     # a tenth for the rollout storage, the networks and the allocator's slack
     if need is None or available is None or need <= 0.9 * available:
