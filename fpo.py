@@ -6,6 +6,7 @@ import difflib
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record env 0 of every evaluation to `videos/` (dm_control backend; needs `pip install moviepy`)"""
+    """if toggled, render one episode per evaluation (env 0's seed) through dm_control, on either backend, to `videos/*.mp4`"""
     save_model: bool = False
     """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
@@ -122,15 +123,128 @@ def resolve_backend(env_id, backend):
         envpool = None
     has_task = envpool is not None and VecEnv.envpool_id(env_id) is not None
     if backend == "envpool" and envpool is None:
-        fail("--env-backend envpool: envpool is not installed (pip install envpool; Linux x86_64 only)")
+        fail(f"--env-backend envpool: envpool is not installed ({envpool_hint()})")
     if backend == "envpool" and not has_task:
         fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
-    backend = ("envpool" if has_task else "dm_control") if backend == "auto" else backend
+    if backend == "auto":  # one line, so a slow dm_control run is never a silent surprise
+        backend = "envpool" if has_task else "dm_control"
+        why = (f"it has the task ({VecEnv.envpool_id(env_id)})" if has_task else
+               f"envpool has no task {env_id!r}" if envpool is not None else f"envpool is not installed ({envpool_hint()})")
+        print(f"backend auto -> {backend}: {why}")
     if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
         fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
     if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
         fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl (or osmesa), or use envpool")
     return backend
+
+
+def envpool_hint():
+    """How to get EnvPool (requirements.txt pins the version; its wheels cover these platforms)."""
+    return ("pip install envpool==1.2.5: wheels for CPython 3.11-3.14 on Linux x86_64 and aarch64, macOS arm64 and "
+            "Windows x86_64; elsewhere only dm_control runs")
+
+
+def render_backend(capture_video):
+    """The MUJOCO_GL value for this run: `disable` (or the user's choice) without video; with --capture-video the first
+    of the user's choice, EGL and OSMesa that renders a frame. Each is tried in a subprocess, since PyOpenGL binds its
+    platform at the first import and cannot switch in this process after a failure."""
+    if not capture_video:
+        return os.environ.get("MUJOCO_GL", "disable")
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        fail("--capture-video writes mp4 through imageio-ffmpeg: pip install imageio==2.38.1 imageio-ffmpeg==0.6.0")
+    probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
+    choices = [gl for gl in [os.environ.get("MUJOCO_GL"), "egl", "osmesa"] if gl not in (None, "disable")]
+    for gl in dict.fromkeys(choices):
+        probe_run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120)
+        if probe_run.returncode == 0:
+            return gl
+    fail(f"--capture-video: no OpenGL backend renders here (tried MUJOCO_GL={', '.join(dict.fromkeys(choices))}); "
+         "install EGL (libegl1) or OSMesa (libosmesa6)")
+
+
+def memory_available():
+    """Bytes this process can still allocate, or None where not measurable (no /proc: macOS, Windows):
+    MemAvailable, capped by a cgroup's limit minus its usage (v2, else v1). GORL_MEMORY_LIMIT_BYTES, when set,
+    replaces the measurement (tests fake a small machine with it)."""
+    if os.environ.get("GORL_MEMORY_LIMIT_BYTES"):
+        return int(os.environ["GORL_MEMORY_LIMIT_BYTES"])
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit_file, usage_file in [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]:
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, usage = f.read().strip(), int(g.read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # v1 reports "no limit" as a huge number, v2 as "max"
+            available = min(available, int(limit) - usage)
+        break
+    return available
+
+
+def resident_bytes():
+    """This process's resident memory (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_resources(args, backend):
+    """Refuses with one line a run whose environments cannot fit in memory, and says when dm_control will be slow.
+
+    An env's memory is mostly MuJoCo's per-env model and data arena (HopperStand: 12.5 MB on either backend; DogRun
+    76 MB on dm_control, 106 MB on EnvPool), so it is measured: the resident memory a few envs of this task and
+    backend add. The peak holds the training envs plus the larger of the evaluation and GoRL refinement envs."""
+    available = memory_available()
+    others = max(args.num_eval_envs, getattr(args, "refine_num_envs", 0))
+    # Building a few DMC envs takes seconds, so small runs skip the probe when 256 MiB per env (over twice the largest
+    # measured, DogRun on EnvPool) fits anyway.
+    if args.num_envs <= 64 and (available is None or (args.num_envs + others) * 2**28 <= 0.9 * available):
+        return
+    probes, probe_steps = 8, 10  # fewer envs overstate: a pool's own fixed cost (EnvPool: ~40 MB) is shared by fewer
+    warm = VecEnv(args.env_id, backend, 1, args.seed)  # one-time costs (imports, EnvPool's thread pool, assets)
+    warm.reset()
+    before = resident_bytes()
+    sample = VecEnv(args.env_id, backend, probes, args.seed)
+    sample.reset()
+    start = time.time()
+    for _ in range(probe_steps):
+        sample.step(np.zeros((probes, sample.action_dim)))
+    steps_per_second = probes * probe_steps / max(time.time() - start, 1e-9)
+    per_env = None if before is None else max(resident_bytes() - before, 0) / probes
+    sample.close()
+    warm.close()
+    need = None if per_env is None else per_env * (args.num_envs + others)
+    # a tenth for the rollout storage, the networks and the allocator's slack
+    if need is None or available is None or need <= 0.9 * available:
+        if backend == "dm_control" and args.num_envs > 64:
+            hours = args.total_timesteps / steps_per_second / 3600
+            print(f"note: dm_control steps its {args.num_envs} envs one after another in this process: about "
+                  f"{steps_per_second:,.0f} env steps/s measured here, so --total-timesteps {args.total_timesteps:,} takes "
+                  f"about {hours:,.1f} h of env stepping alone; EnvPool steps them on a C++ thread pool: {envpool_hint()}")
+        return
+    fits = int(0.9 * available / per_env) - others
+    if hasattr(args, "num_minibatches"):  # every env contributes whole segments: a divisor of the iteration's segments
+        segments = args.batch_size * args.num_minibatches
+        fits = max([n for n in range(1, min(fits, segments) + 1) if segments % n == 0], default=0)
+        layout = (f"; an iteration keeps its {segments} segments of {args.unroll_length} steps, as {segments // max(fits, 1)} "
+                  f"unrolls of {fits} envs instead of {segments // args.num_envs} of {args.num_envs}")
+    else:
+        layout = ""
+    suggestion = (f"--num-envs {fits} fits{layout}" if fits > 0 else
+                  f"even one training env does not fit beside {others} evaluation/refinement envs: lower --num-eval-envs")
+    fail(f"{args.num_envs} training + {others} evaluation/refinement envs of {args.env_id} on {backend} need about "
+         f"{need / 2**30:.1f} GiB ({per_env / 2**20:.1f} MiB each, measured), more than the {available / 2**30:.1f} GiB "
+         f"available; {suggestion}")
 
 
 class VecEnv:
@@ -149,7 +263,7 @@ class VecEnv:
 
     dmc_observation_keys = {}  # (domain, task) -> dm_control's observation entries, read once per process
 
-    def __init__(self, env_id, backend, num_envs, seed, video_folder=None):
+    def __init__(self, env_id, backend, num_envs, seed, render=False):
         dmc = dmc_task_ids()
         self.backend, self.num_envs, self.seed, self.obs_keys = backend, num_envs, seed, None
         if backend == "envpool":
@@ -180,10 +294,7 @@ class VecEnv:
 
             def thunk(i):
                 def make():
-                    if video_folder is not None and i == 0:
-                        env = gym.make(name, render_mode="rgb_array", **kwargs)
-                        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e == 0, disable_logger=True)
-                    return gym.make(name, **kwargs)
+                    return gym.make(name, render_mode="rgb_array" if render and i == 0 else None, **kwargs)
 
                 return make
 
@@ -318,6 +429,10 @@ class VecEnv:
             return time_limit, inner, inner._env.physics.model.ptr, inner._env.physics.data.ptr
         return time_limit, inner, inner.model, inner.data
 
+    def render(self):
+        """Env 0's current frame (dm_control backend made with render=True)."""
+        return self.envs.envs[0].render()
+
     def close(self):
         self.envs.close()
 
@@ -391,12 +506,13 @@ def mlp(sizes):
 
 
 @torch.no_grad()
-def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None):
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None):
     """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
     comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
     to actions in [-1, 1]. Episodes end within the task's time limit, and so does this loop. Returns (mean, std)
-    of the episode returns."""
-    envs = VecEnv(env_id, backend, num_envs, seed, video_folder)
+    of the episode returns. With `video_path`, one more episode with env 0's seed is rendered through dm_control
+    (EnvPool does not render), whatever the backend, and written there as mp4; on dm_control it is env 0's episode."""
+    envs = VecEnv(env_id, backend, num_envs, seed)
     obs = envs.reset()
     returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
     for _ in range(envs.max_episode_steps):
@@ -407,6 +523,20 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_folder=None)
         if done.all():
             break
     envs.close()
+    if video_path is not None:
+        import imageio.v2 as imageio
+
+        env = VecEnv(env_id, "dm_control", 1, seed, render=True)
+        obs, frames = env.reset(), [env.render()]
+        for _ in range(env.max_episode_steps):
+            obs, _, terminated, truncated, _, _ = env.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
+            if terminated[0] or truncated[0]:  # the env has already reset: its frame is the next episode's start
+                break
+            frames.append(env.render())
+        fps = env.envs.envs[0].metadata.get("render_fps") or 30
+        env.close()  # frees the GL context now: at interpreter exit dm_control's EGL cleanup raises
+        os.makedirs(os.path.dirname(video_path) or ".", exist_ok=True)
+        imageio.mimwrite(video_path, frames, fps=fps, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
 
 
@@ -542,7 +672,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
     args = resumed_args(args, checkpoint) if checkpoint is not None else args
-    os.environ["MUJOCO_GL"] = "egl" if args.capture_video else os.environ.get("MUJOCO_GL", "disable")
+    os.environ["MUJOCO_GL"] = render_backend(args.capture_video)
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -556,21 +686,19 @@ if __name__ == "__main__":
         agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved.flow_steps, saved.samples_per_action).to(device)
         agent.load_state_dict(checkpoint["agent"])
         generator = torch.Generator(device).manual_seed(saved.seed + 100_000)
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device)
+        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
+        video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device, video_path)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+        if video_path is not None:
+            print(f"video saved to {video_path}")
         sys.exit(0)
 
     check_args(args)
     if not (args.flow_steps > 0 and args.samples_per_action > 0):
         fail(f"--flow-steps and --samples-per-action must be positive, got {args.flow_steps} and {args.samples_per_action}")
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    if args.capture_video and backend != "dm_control":
-        fail("--capture-video renders through dm_control; add --env-backend dm_control")
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy")
+    check_resources(args, backend)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
     unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
@@ -602,9 +730,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
 
     def eval_and_log(global_step):
-        video_folder = f"videos/{run_name}/step_{global_step}" if args.capture_video else None
+        video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
         generator = torch.Generator(device).manual_seed(args.seed + 100_000)  # the same evaluation noise every time
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_folder)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_path)
         writer.add_scalar("eval/episodic_return", mean, global_step)
         writer.add_scalar("eval/episodic_return_std", std, global_step)
         return mean
