@@ -819,8 +819,8 @@ if __name__ == "__main__":
 
     check_sac_args(args)
     backend = resolve_backend(args.env_id, args.env_backend)
-    check_resources(args, backend)
     stage_steps = check_gorl_sac_args(args)
+    check_resources(args, backend)  # after every argument check: it builds envs
     num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
