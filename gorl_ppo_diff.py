@@ -928,9 +928,9 @@ if __name__ == "__main__":
 
     check_args(args)
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    check_resources(args, backend)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     stage_iterations = check_gorl_args(args, steps_per_iteration)
+    check_resources(args, backend)  # after every argument check: it builds envs
     num_iterations, stage_ends = sum(stage_iterations), list(np.cumsum(stage_iterations))
     unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]

@@ -952,8 +952,8 @@ if __name__ == "__main__":
 
     check_sac_args(args)
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    check_resources(args, backend)
     stage_steps = check_gorl_sac_args(args)
+    check_resources(args, backend)  # after every argument check: it builds envs
     num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
     checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
