@@ -107,6 +107,7 @@ class Args:
     configs (cfg/gym/scratch/*/ppo_diffusion_mlp.yaml), 0.99 is its fine-tuning value"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -642,6 +643,7 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
 
 
+# ---- DPPO ----
 class Agent(nn.Module):
     """Epsilon-prediction actor 4x32 (inputs [obs_norm, x_t, temb(t / K)]) and critic 5x256, SiLU MLPs, with DDPM's
     cosine schedule (s = 0.008) over K steps, DPPO's default."""

@@ -105,6 +105,7 @@ class Args:
     """ratio exp(mean L_old - mean L_new) over the samples (upstream default); off: one clipped ratio per sample"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -640,6 +641,7 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
 
 
+# ---- FPO ----
 class Agent(nn.Module):
     """Flow actor 4x32 (inputs [obs_norm, x_t, temb(t)], output times 0.25) and critic 5x256, SiLU MLPs, as upstream FPO."""
 

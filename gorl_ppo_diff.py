@@ -1,5 +1,19 @@
-# GoRL with a PPO encoder and a diffusion decoder (paper Sec. 3, App. E): gorl_ppo_fm.py with only the
-# decoder changed. PPO trains z ~ pi(z|s); the env receives tanh(g(s, z)), g frozen in a stage and refit from N(0, I).
+"""GoRL with a PPO encoder and a diffusion decoder (paper Sec. 3, Algorithm 1, App. E), CleanRL style:
+gorl_ppo_fm.py with only the decoder changed.
+
+The policy is a latent Gaussian encoder z ~ pi(z|s) and a decoder g; the environment receives tanh(g(s, z)).
+Training runs in stages (`--stage-weights`); each stage is Algorithm 1's two phases and a re-initialization:
+  Phase 1, latent policy optimization: PPO on z with g frozen as part of the environment, plus the penalty
+    `--beta` * `kl_to_prior`, KL(pi(z|s) || N(0, I)) (Eq. 3). Stage 0's g is the identity: PPO through tanh.
+  Phase 2, decoder refinement: `collect_refinement_data` runs the stage's best encoder through g, and `fit_decoder`
+    trains a new g from scratch, from the fixed prior N(0, I) to the collected actions (Eq. 4):
+    epsilon-prediction diffusion; decoding is 10 DDIM steps from z.
+  Stage-wise re-initialization: `reset_encoder` restarts the encoder at the prior N(0, I) (`--encoder-reset`).
+The code between the `# ---- shared skeleton` and `# ---- GoRL ----` lines is the same in every script;
+`diff ppo_gaussian.py gorl_ppo_diff.py` shows what GoRL adds to PPO.
+
+    python gorl_ppo_diff.py --env-id HopperStand --beta 1e-3    # the paper's scale; the README has CPU-sized commands
+"""
 import copy
 import difflib
 import logging
@@ -148,6 +162,7 @@ class Args:
     """start stage 0 from the last decoder of a model saved by this script on the same task, instead of the identity"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -683,6 +698,7 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
 
 
+# ---- GoRL ----
 def check_gorl_args(args, steps_per_iteration):
     """GoRL's own settings, refused with one line like the rest. Returns the iterations of each stage."""
     if not (all(b >= 0 for b in args.beta) and len(args.beta) in (1, len(args.stage_weights))):
@@ -1021,7 +1037,7 @@ if __name__ == "__main__":
         for u in range(U):
             for t in range(T):
                 obs[u, t] = torch.as_tensor(next_obs, device=device)
-                with torch.no_grad():  # PPO's action is the latent z; the frozen decoder is part of the environment
+                with torch.no_grad():  # Phase 1: PPO's action is the latent z; the frozen decoder is part of the environment
                     actions[u, t], logprobs[u, t], _ = agent.act(obs_rms(obs[u, t]))
                     env_action = torch.tanh(decoder(obs[u, t], actions[u, t]))
                 env_action, env_start = env_action.cpu().numpy(), time.time()
@@ -1121,8 +1137,8 @@ if __name__ == "__main__":
         if global_step // args.eval_every > (global_step - steps_per_iteration) // args.eval_every or iteration in stage_ends:
             eval_return = eval_and_log(global_step)  # GoRL also evaluates at every stage end
         if iteration in stage_ends[:-1]:
-            # Decoder refinement (paper Alg. 1): collect with the stage's encoder and decoder, fit a new decoder
-            # from the fixed prior, then restart the encoder against it. These env steps are not in global_step.
+            # Phase 2, decoder refinement (Alg. 1, Eq. 4): collect with the stage's encoder and decoder, fit a new decoder
+            # from the fixed prior. These env steps are not in global_step.
             encoder_return, encoder, rms = (best["return"], best["agent"], best["obs_rms"]) if args.refine_from == "best" else (eval_return, agent, obs_rms)
 
             def refine_policy(x):
@@ -1136,6 +1152,7 @@ if __name__ == "__main__":
             decoders.append(copy.deepcopy(decoder.state_dict()))
             for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_encoder_eval", encoder_return), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
                 writer.add_scalar(name, float(value), global_step)
+            # Stage-wise re-initialization: the next stage's encoder restarts against the new decoder.
             stage += 1
             encoder_reset = args.encoder_reset[min(stage, len(args.encoder_reset) - 1)]
             if encoder_reset in ("warm", "prior-best"):  # the stage's best encoder with its normalizer (the release)

@@ -1,5 +1,19 @@
-# GoRL with a SAC encoder and a diffusion decoder (paper App. F.2): sac_gaussian.py where SAC acts in latent
-# space. The actor samples z ~ pi(z|s), the critics learn Q(s, z), the env receives tanh(g(s, z)) with g frozen in a stage.
+"""GoRL with a SAC encoder and a diffusion decoder (paper App. F.2, Algorithm 1), CleanRL style.
+
+sac_gaussian.py where SAC acts in latent space: the actor samples z ~ pi(z|s), the critics learn Q(s, z), and the
+environment receives tanh(g(s, z)). Training runs in stages (`--stage-weights`); each stage is Algorithm 1's two
+phases and a re-initialization:
+  Phase 1, latent policy optimization: SAC on z with g frozen as part of the environment, plus the penalty
+    `--beta` * `kl_to_prior`, KL(pi(z|s) || N(0, I)) in the actor loss (Eq. 3). Stage 0's g is the identity.
+  Phase 2, decoder refinement: `collect_refinement_data` runs fresh episodes of the stage's actor through g (not the
+    replay buffer), and `fit_decoder` trains a new diffusion g from the fixed prior N(0, I) (Eq. 4).
+  Stage-wise re-initialization: actor, critics and replay buffer restart (`make_sac`), the actor at the prior
+    (`actor_at_prior`), since a z stored under the old decoder means another action.
+The code between the `# ---- shared skeleton` and `# ---- GoRL ----` lines is the same in every script;
+`diff sac_gaussian.py gorl_sac_diff.py` shows what GoRL adds to SAC.
+
+    python gorl_sac_diff.py --env-id Hopper-v5    # the paper's setting; the README has CPU-sized commands
+"""
 import copy
 import difflib
 import logging
@@ -115,6 +129,7 @@ class Args:
     """the width of the decoder's 4 hidden layers"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -603,6 +618,7 @@ def restore_checkpoint(checkpoint, envs, next_obs, modules):
     return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
+# ---- GoRL ----
 def check_sac_args(args):
     """Refuses impossible settings with one line before anything expensive starts."""
     for name in ["total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency", "eval_every", "num_eval_envs"]:
@@ -1029,7 +1045,7 @@ if __name__ == "__main__":
         else:
             with torch.no_grad():
                 action = sac.actor.get_action(obs_rms(obs))[0]
-        with torch.no_grad():  # SAC's action is the latent z; the frozen decoder is part of the environment
+        with torch.no_grad():  # Phase 1: SAC's action is the latent z; the frozen decoder is part of the environment
             env_action = torch.tanh(decoder(obs, action))
         next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
         global_step += N
@@ -1071,9 +1087,8 @@ if __name__ == "__main__":
                 eta = (num_steps - step) * train_time / step
                 print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
             if step in stage_ends[:-1]:
-                # Decoder refinement (paper App. F.2): fresh rollouts of the stage's actor through the stage's decoder,
-                # not the replay buffer, fit a new decoder from the fixed prior; then actor, critics and buffer restart,
-                # since a z stored under the old decoder now means a different action. Refit steps are not in global_step.
+                # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
+                # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
                 def refine_policy(x):
                     z = sac.actor.get_action(obs_rms(x))[0]
                     return z, decoder(x, z)
@@ -1086,6 +1101,8 @@ if __name__ == "__main__":
                 decoders.append(copy.deepcopy(decoder.state_dict()))
                 for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
                     writer.add_scalar(name, float(value), global_step)
+                # Stage-wise re-initialization: actor, critics and buffer restart, since a z stored under the old
+                # decoder now means a different action.
                 stage, stage_start = stage + 1, global_step
                 sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
                 actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean

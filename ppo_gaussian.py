@@ -101,6 +101,7 @@ class Args:
     or before (`legacy_pre_update`, upstream FPO: the update normalizes with statistics that include the batch)"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -636,6 +637,7 @@ def check_args(args):
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
 
 
+# ---- PPO ----
 class Agent(nn.Module):
     """Actor 4x32 and critic 5x256 SiLU MLPs on normalized observations, as the authors' released networks."""
 

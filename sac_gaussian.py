@@ -92,6 +92,7 @@ class Args:
     """the number of evaluation episodes, one per fresh environment"""
 
 
+# ---- shared skeleton: identical in every script; skip on a first read ----
 def fail(message):
     """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -580,6 +581,7 @@ def restore_checkpoint(checkpoint, envs, next_obs, modules):
     return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
+# ---- SAC ----
 def check_sac_args(args):
     """Refuses impossible settings with one line before anything expensive starts."""
     for name in ["total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency", "eval_every", "num_eval_envs"]:
