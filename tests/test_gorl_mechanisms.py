@@ -138,7 +138,7 @@ def test_kl_to_prior_penalty_pulls_the_latent_policy_to_the_prior(tmp_path, caps
 
 # ---------------------------------------------------------------- 4, 5: which encoder collects, and that it samples
 @pytest.mark.parametrize("name", LOOP_SCRIPTS)
-@pytest.mark.parametrize("refine_from", ["best", "last"])
+@pytest.mark.parametrize("refine_from", ["best", pytest.param("last", marks=pytest.mark.slow)])  # CI time: `last` is slow
 def test_refinement_is_collected_by_the_chosen_encoder_sampling_z(tmp_path, capsys, monkeypatch, name, refine_from):
     m = MODULES[name]
     rec = Recorder(monkeypatch, m.VecEnv.flatten)

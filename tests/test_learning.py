@@ -42,6 +42,7 @@ PPO_ARGS = ["--env-id", "InvertedPendulum-v5", "--num-envs", "16", "--batch-size
             "--num-eval-envs", "16"]
 
 
+@pytest.mark.slow  # CI time: CI keeps the GoRL-FM check, whose stage 0 is latent PPO through an identity decoder
 def test_ppo_gaussian_learns_inverted_pendulum(tmp_path):
     r = run_script("ppo_gaussian.py", PPO_ARGS, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
