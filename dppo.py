@@ -323,6 +323,7 @@ class VecEnv:
         self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
+        self.step_time = 0.0  # seconds spent inside the backend's step, for the perf/ shares
 
     @staticmethod
     def envpool_id(env_id):
@@ -354,7 +355,9 @@ class VecEnv:
 
     def step(self, action):
         """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        start = time.time()
         obs, reward, terminated, truncated, info = self.envs.step(self.scale_action(action))
+        self.step_time += time.time() - start
         # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
         # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
         # TimeLimit reports both flags there, and the loops' masks keep such a step a termination. DMC tasks never
@@ -364,7 +367,7 @@ class VecEnv:
         done = np.logical_or(terminated, truncated)
         self.episode_return += reward
         self.episode_length += valid
-        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        ended = (self.episode_return[done].copy(), self.episode_length[done].copy())
         self.episode_return[done], self.episode_length[done] = 0, 0
         # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
         # returns the next episode's first observation and puts the final one in info.
@@ -374,7 +377,7 @@ class VecEnv:
             for i in np.flatnonzero(done):
                 last = info["final_obs"][i]
                 self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
-        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
 
     def scale_action(self, action):
         """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
@@ -500,6 +503,26 @@ def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
     return advantages, v_targets
 
 
+def to_segments(x, device):
+    """Rollout storage [U unrolls, T steps, N envs, ...] -> segments [U * N, T, ...]: each row is T consecutive steps of one env."""
+    return torch.as_tensor(x, device=device).transpose(1, 2).flatten(0, 1)
+
+
+def normalize_advantages(advantages, mask):
+    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0."""
+    n = mask.sum().clamp(min=2)
+    mean = advantages.sum() / n
+    std = (((advantages - mean) * mask) ** 2).sum().div(n - 1).sqrt()
+    return (advantages - mean) / (std + 1e-8) * mask
+
+
+def explained_variance(targets, values, mask):
+    """1 - Var(targets - values) / Var(targets) over the steps with mask 1 (CleanRL's losses/explained_variance)."""
+    n = mask.sum().clamp(min=2)
+    target_var = (((targets - (targets * mask).sum() / n) * mask) ** 2).sum() / n
+    return 1 - (((targets - values) * mask) ** 2).sum() / n / target_var.clamp(min=1e-8)
+
+
 def layer_init(layer):
     """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
     bound = np.sqrt(3.0 / layer.in_features)
@@ -513,6 +536,9 @@ def mlp(sizes):
     for i in range(len(sizes) - 1):
         layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
     return nn.Sequential(*layers[:-1])
+
+
+EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
 
 
 @torch.no_grad()
@@ -619,28 +645,110 @@ def restore_checkpoint(checkpoint, envs, next_obs, modules):
     return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
+def evaluate_checkpoint(path, capture_video, device, load_policy):
+    """--eval-checkpoint: the deterministic evaluation of a saved model on its own task and seeds, printed.
+    `load_policy(checkpoint, device)` rebuilds the script's networks and returns their evaluation policy."""
+    checkpoint = load_checkpoint(path)
+    saved = Args(**checkpoint["args"])
+    backend = resolve_backend(saved.env_id, checkpoint["backend"])
+    video_path = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    policy = load_policy(checkpoint, device)
+    mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
+    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+    if video_path is not None:
+        print(f"video saved to {video_path}")
+
+
+def crossed(global_step, steps, every):
+    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
+    return global_step // every > (global_step - steps) // every
+
+
+def log_scalars(writer, scalars, global_step):
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, global_step)
+
+
+def log_episodes(writer, ended, global_step, train_return):
+    """Logs the episodes that just ended, `ended` = (returns, lengths), and returns the latest training return."""
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, global_step)
+    return float(ended[0].mean())
+
+
+def finite_means(stats, where):
+    """The means of the update's scalars, `stats` a list of {name: 0-d tensor}, in one device-to-host copy. A loss
+    that went non-finite stops the run with one line (exit code 1); `where(i)` says where the i-th entry was computed."""
+    names = list(stats[0])
+    with torch.no_grad():
+        values = torch.stack([torch.stack([entry[name] for name in names]) for entry in stats]).cpu()
+    bad = ~torch.isfinite(values[:, ["loss" in name for name in names]]).all(1)
+    if bad.any():
+        print(f"error: non-finite loss {where(int(bad.nonzero()[0]))}; stopping", file=sys.stderr)
+        sys.exit(1)
+    return dict(zip(names, values.mean(0).tolist()))
+
+
+def log_timing(writer, global_step, steps, train_time, envs, rollout_time, iteration_time):
+    """charts/SPS, and where the iteration's time went: stepping the envs, the rest of the rollout (inference,
+    copies), the update. Takes (and resets) the envs' stepping time. Returns the SPS."""
+    sps = int(global_step / train_time)
+    log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps / rollout_time), "perf/env_share": envs.step_time / iteration_time,
+                         "perf/inference_share": (rollout_time - envs.step_time) / iteration_time,
+                         "perf/update_share": (iteration_time - rollout_time) / iteration_time}, global_step)
+    envs.step_time = 0.0
+    return sps
+
+
 def check_args(args):
-    """Refuses impossible settings with one line before anything expensive starts."""
-    for name in ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every", "num_eval_envs"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_rate", "clip_coef", "reward_scale"]:
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
-        if not getattr(args, name) >= 0:
-            fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
-        fail(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
-    if args.threads < 0:
-        fail(f"--threads must be non-negative (0: automatic), got {args.threads}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
-        fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of --num-envs ({args.num_envs}), so every env contributes whole segments")
-    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
-    if args.total_timesteps < steps_per_iteration:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
+    """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
+    names; a GoRL script checks its baseline's settings and its own with the same code."""
+    positive = ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every",
+                "num_eval_envs", "checkpoint_every", "learning_rate", "learning_rate_later", "clip_coef", "clip_coef_later", "reward_scale",
+                "flow_steps", "samples_per_action", "denoising_steps", "min_std", "buffer_size", "policy_frequency", "policy_lr", "q_lr",
+                "utd_ratio", "stage_weights", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_lr", "decoder_hidden"]
+    non_negative = ["threads", "ent_coef", "ent_coef_later", "vf_coef", "max_grad_norm", "max_grad_norm_later", "alpha", "learning_starts",
+                    "beta", "decoder_steps", "target_clip"]
+    per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
+    for name, value in vars(args).items():
+        flag, values = "--" + name.replace("_", "-"), [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
+            fail(f"{flag} takes one or more values, got nothing")
+        if name in positive and not all(v > 0 for v in values):
+            fail(f"{flag} must be positive, got {' '.join(map(str, values))}")
+        if name in non_negative and not all(v >= 0 for v in values):
+            fail(f"{flag} must be non-negative, got {' '.join(map(str, values))}")
+        if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
+            fail(f"{flag} must be in (0, 1], got {value}")
+        if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
+            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {' '.join(map(str, values)) or 'nothing'}")
+    if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
+        fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
+        if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
+            fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of "
+                 f"--num-envs ({args.num_envs}), so every env contributes whole segments")
+        steps = args.batch_size * args.num_minibatches * args.unroll_length
+        if args.total_timesteps < steps:
+            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * "
+                 f"{args.batch_size} segments * {args.unroll_length} steps = {steps})")
+    else:  # SAC
+        steps = args.learning_starts + 1
+        if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
+            fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) "
+                 f"and be at least --num-envs ({args.num_envs})")
+    if hasattr(args, "stage_weights"):  # GoRL: every stage at least one iteration (SAC: more than --learning-starts, it restarts)
+        if args.decoder_steps == 0 and args.decoder_epochs <= 0:
+            fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
+        if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
+            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env "
+                 f"(--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+        smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
+        if smallest < steps:
+            need = "one iteration" if hasattr(args, "unroll_length") else "--learning-starts + 1: every stage restarts SAC"
+            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage "
+                 f"of {smallest} steps; each needs at least {steps} ({need})")
 
 
 # ---- DPPO ----
@@ -720,10 +828,10 @@ if __name__ == "__main__":
         obs_rms.load_state_dict(checkpoint["obs_rms"])
         agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved.denoising_steps, saved.min_std).to(device)
         agent.load_state_dict(checkpoint["agent"])
-        generator = torch.Generator(device).manual_seed(saved.seed + 100_000)
+        generator = torch.Generator(device).manual_seed(saved.seed + EVAL_SEED_OFFSET)
         run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
         video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device, video_path)
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
         if video_path is not None:
             print(f"video saved to {video_path}")
@@ -766,8 +874,8 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        generator = torch.Generator(device).manual_seed(args.seed + 100_000)  # the same evaluation noise every time
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_path)
+        generator = torch.Generator(device).manual_seed(args.seed + EVAL_SEED_OFFSET)  # the same evaluation noise every time
+        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2], args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
         writer.add_scalar("eval/episodic_return", mean, global_step)
         writer.add_scalar("eval/episodic_return_std", std, global_step)
         return mean

@@ -317,6 +317,7 @@ class VecEnv:
         self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
+        self.step_time = 0.0  # seconds spent inside the backend's step, for the perf/ shares
 
     @staticmethod
     def envpool_id(env_id):
@@ -348,7 +349,9 @@ class VecEnv:
 
     def step(self, action):
         """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
+        start = time.time()
         obs, reward, terminated, truncated, info = self.envs.step(self.scale_action(action))
+        self.step_time += time.time() - start
         # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
         # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
         # TimeLimit reports both flags there, and the loops' masks keep such a step a termination. DMC tasks never
@@ -358,7 +361,7 @@ class VecEnv:
         done = np.logical_or(terminated, truncated)
         self.episode_return += reward
         self.episode_length += valid
-        finished = (self.episode_return[done].copy(), self.episode_length[done].copy())
+        ended = (self.episode_return[done].copy(), self.episode_length[done].copy())
         self.episode_return[done], self.episode_length[done] = 0, 0
         # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
         # returns the next episode's first observation and puts the final one in info.
@@ -368,7 +371,7 @@ class VecEnv:
             for i in np.flatnonzero(done):
                 last = info["final_obs"][i]
                 self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
-        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, finished
+        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
 
     def scale_action(self, action):
         """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
@@ -494,6 +497,26 @@ def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
     return advantages, v_targets
 
 
+def to_segments(x, device):
+    """Rollout storage [U unrolls, T steps, N envs, ...] -> segments [U * N, T, ...]: each row is T consecutive steps of one env."""
+    return torch.as_tensor(x, device=device).transpose(1, 2).flatten(0, 1)
+
+
+def normalize_advantages(advantages, mask):
+    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0."""
+    n = mask.sum().clamp(min=2)
+    mean = advantages.sum() / n
+    std = (((advantages - mean) * mask) ** 2).sum().div(n - 1).sqrt()
+    return (advantages - mean) / (std + 1e-8) * mask
+
+
+def explained_variance(targets, values, mask):
+    """1 - Var(targets - values) / Var(targets) over the steps with mask 1 (CleanRL's losses/explained_variance)."""
+    n = mask.sum().clamp(min=2)
+    target_var = (((targets - (targets * mask).sum() / n) * mask) ** 2).sum() / n
+    return 1 - (((targets - values) * mask) ** 2).sum() / n / target_var.clamp(min=1e-8)
+
+
 def layer_init(layer):
     """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
     bound = np.sqrt(3.0 / layer.in_features)
@@ -507,6 +530,9 @@ def mlp(sizes):
     for i in range(len(sizes) - 1):
         layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
     return nn.Sequential(*layers[:-1])
+
+
+EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
 
 
 @torch.no_grad()
@@ -613,28 +639,110 @@ def restore_checkpoint(checkpoint, envs, next_obs, modules):
     return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
 
 
+def evaluate_checkpoint(path, capture_video, device, load_policy):
+    """--eval-checkpoint: the deterministic evaluation of a saved model on its own task and seeds, printed.
+    `load_policy(checkpoint, device)` rebuilds the script's networks and returns their evaluation policy."""
+    checkpoint = load_checkpoint(path)
+    saved = Args(**checkpoint["args"])
+    backend = resolve_backend(saved.env_id, checkpoint["backend"])
+    video_path = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    policy = load_policy(checkpoint, device)
+    mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
+    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+    if video_path is not None:
+        print(f"video saved to {video_path}")
+
+
+def crossed(global_step, steps, every):
+    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
+    return global_step // every > (global_step - steps) // every
+
+
+def log_scalars(writer, scalars, global_step):
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, global_step)
+
+
+def log_episodes(writer, ended, global_step, train_return):
+    """Logs the episodes that just ended, `ended` = (returns, lengths), and returns the latest training return."""
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, global_step)
+    return float(ended[0].mean())
+
+
+def finite_means(stats, where):
+    """The means of the update's scalars, `stats` a list of {name: 0-d tensor}, in one device-to-host copy. A loss
+    that went non-finite stops the run with one line (exit code 1); `where(i)` says where the i-th entry was computed."""
+    names = list(stats[0])
+    with torch.no_grad():
+        values = torch.stack([torch.stack([entry[name] for name in names]) for entry in stats]).cpu()
+    bad = ~torch.isfinite(values[:, ["loss" in name for name in names]]).all(1)
+    if bad.any():
+        print(f"error: non-finite loss {where(int(bad.nonzero()[0]))}; stopping", file=sys.stderr)
+        sys.exit(1)
+    return dict(zip(names, values.mean(0).tolist()))
+
+
+def log_timing(writer, global_step, steps, train_time, envs, rollout_time, iteration_time):
+    """charts/SPS, and where the iteration's time went: stepping the envs, the rest of the rollout (inference,
+    copies), the update. Takes (and resets) the envs' stepping time. Returns the SPS."""
+    sps = int(global_step / train_time)
+    log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps / rollout_time), "perf/env_share": envs.step_time / iteration_time,
+                         "perf/inference_share": (rollout_time - envs.step_time) / iteration_time,
+                         "perf/update_share": (iteration_time - rollout_time) / iteration_time}, global_step)
+    envs.step_time = 0.0
+    return sps
+
+
 def check_args(args):
-    """Refuses impossible settings with one line before anything expensive starts."""
-    for name in ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every", "num_eval_envs"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_rate", "clip_coef", "reward_scale"]:
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in [n for n in ["ent_coef", "vf_coef", "max_grad_norm"] if hasattr(args, n)]:  # FPO and DPPO have no entropy term
-        if not getattr(args, name) >= 0:
-            fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
-        fail(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
-    if args.threads < 0:
-        fail(f"--threads must be non-negative (0: automatic), got {args.threads}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
-        fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of --num-envs ({args.num_envs}), so every env contributes whole segments")
-    steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
-    if args.total_timesteps < steps_per_iteration:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps_per_iteration})")
+    """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
+    names; a GoRL script checks its baseline's settings and its own with the same code."""
+    positive = ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every",
+                "num_eval_envs", "checkpoint_every", "learning_rate", "learning_rate_later", "clip_coef", "clip_coef_later", "reward_scale",
+                "flow_steps", "samples_per_action", "denoising_steps", "min_std", "buffer_size", "policy_frequency", "policy_lr", "q_lr",
+                "utd_ratio", "stage_weights", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_lr", "decoder_hidden"]
+    non_negative = ["threads", "ent_coef", "ent_coef_later", "vf_coef", "max_grad_norm", "max_grad_norm_later", "alpha", "learning_starts",
+                    "beta", "decoder_steps", "target_clip"]
+    per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
+    for name, value in vars(args).items():
+        flag, values = "--" + name.replace("_", "-"), [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
+            fail(f"{flag} takes one or more values, got nothing")
+        if name in positive and not all(v > 0 for v in values):
+            fail(f"{flag} must be positive, got {' '.join(map(str, values))}")
+        if name in non_negative and not all(v >= 0 for v in values):
+            fail(f"{flag} must be non-negative, got {' '.join(map(str, values))}")
+        if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
+            fail(f"{flag} must be in (0, 1], got {value}")
+        if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
+            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {' '.join(map(str, values)) or 'nothing'}")
+    if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
+        fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
+        if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
+            fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of "
+                 f"--num-envs ({args.num_envs}), so every env contributes whole segments")
+        steps = args.batch_size * args.num_minibatches * args.unroll_length
+        if args.total_timesteps < steps:
+            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * "
+                 f"{args.batch_size} segments * {args.unroll_length} steps = {steps})")
+    else:  # SAC
+        steps = args.learning_starts + 1
+        if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
+            fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) "
+                 f"and be at least --num-envs ({args.num_envs})")
+    if hasattr(args, "stage_weights"):  # GoRL: every stage at least one iteration (SAC: more than --learning-starts, it restarts)
+        if args.decoder_steps == 0 and args.decoder_epochs <= 0:
+            fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
+        if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
+            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env "
+                 f"(--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+        smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
+        if smallest < steps:
+            need = "one iteration" if hasattr(args, "unroll_length") else "--learning-starts + 1: every stage restarts SAC"
+            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage "
+                 f"of {smallest} steps; each needs at least {steps} ({need})")
 
 
 # ---- PPO ----
@@ -655,11 +763,33 @@ class Agent(nn.Module):
         mean, raw_scale = self.actor(x).chunk(2, dim=-1)
         return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0), validate_args=False)  # no per-step checks (and syncs)
 
+    def entropy(self, dist, tanh_correction=False):
+        """The mean entropy of the Gaussian over u. `tanh_correction` (upstream FPO's PPO) adds a one-sample estimate
+        of E[log|d tanh(u) / du|] = E[2 (log 2 - u - softplus(-2u))], giving the entropy of tanh(u)."""
+        if not tanh_correction:
+            return dist.entropy().sum(-1).mean()
+        u = dist.rsample()
+        return dist.entropy().sum(-1).mean() + (2 * (np.log(2) - u - F.softplus(-2 * u))).sum(-1).mean()
+
     def act(self, x, deterministic=False):
         """Returns (u, log-prob of u, environment action in [-1, 1])."""
         dist = self.get_dist(x)
         u = dist.mean if deterministic else dist.sample()
         return u, dist.log_prob(u).sum(-1), torch.tanh(u)
+
+
+def eval_policy(agent, obs_rms):
+    """The deterministic policy that evaluation runs: raw observation -> tanh of the Gaussian's mean."""
+    return lambda x: agent.act(obs_rms(x), deterministic=True)[2]
+
+
+def load_policy(checkpoint, device):
+    """The evaluation policy of a saved model (--eval-checkpoint)."""
+    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+    agent.load_state_dict(checkpoint["agent"])
+    return eval_policy(agent, obs_rms)
 
 
 if __name__ == "__main__":
@@ -672,21 +802,8 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
     rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
-
     if args.eval_checkpoint is not None:
-        checkpoint = load_checkpoint(args.eval_checkpoint)
-        saved = Args(**checkpoint["args"])
-        backend = resolve_backend(saved.env_id, checkpoint["backend"])
-        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
-        obs_rms.load_state_dict(checkpoint["obs_rms"])
-        agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
-        agent.load_state_dict(checkpoint["agent"])
-        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-        video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), deterministic=True)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + 100_000, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-        if video_path is not None:
-            print(f"video saved to {video_path}")
+        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
         sys.exit(0)
 
     check_args(args)
@@ -694,7 +811,6 @@ if __name__ == "__main__":
     check_resources(args, backend)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
-    unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
     checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
     if args.track:
@@ -702,7 +818,8 @@ if __name__ == "__main__":
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -723,17 +840,18 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), deterministic=True)[2], args.env_id, backend, args.num_eval_envs, args.seed + 100_000, device, video_path)
-        writer.add_scalar("eval/episodic_return", mean, global_step)
-        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        policy = eval_policy(agent, obs_rms)
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
-    U, T, N = unrolls_per_iteration, args.unroll_length, args.num_envs
+    # `learnable` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
+    U, T, N = args.batch_size * args.num_minibatches // args.num_envs, args.unroll_length, args.num_envs
     obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
     actions = torch.zeros((U, T, N, action_dim), device=device)
     logprobs = torch.zeros((U, T, N), device=device)
-    rewards, terminations, masks = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
+    rewards, terminations, learnable = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
 
     modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms}
     iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
@@ -741,64 +859,49 @@ if __name__ == "__main__":
         eval_return = eval_and_log(0)
     else:
         loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, modules)
-        iteration, global_step, train_time, eval_return, train_return = (loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
+        iteration, global_step, train_time, eval_return, train_return = (
+            loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
     for iteration in range(iteration + 1, num_iterations + 1):
-        iteration_start, env_time = time.time(), 0.0
+        iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
-        for u in range(U):
+        for unroll in range(U):
             for t in range(T):
-                obs[u, t] = torch.as_tensor(next_obs, device=device)
+                obs[unroll, t] = torch.as_tensor(next_obs, device=device)
                 with torch.no_grad():
-                    actions[u, t], logprobs[u, t], env_action = agent.act(obs_rms(obs[u, t]))
-                env_action, env_start = env_action.cpu().numpy(), time.time()
-                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action)
-                env_time += time.time() - env_start
-                rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
-                masks[u, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
-                if len(ended_returns):
-                    train_return = float(ended_returns.mean())
-                    writer.add_scalar("charts/episodic_return", train_return, global_step + (u * T + t + 1) * N)
-                    writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step + (u * T + t + 1) * N)
-            obs[u, T] = torch.as_tensor(next_obs, device=device)
+                    actions[unroll, t], logprobs[unroll, t], env_action = agent.act(obs_rms(obs[unroll, t]))
+                next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
+                rewards[unroll, t], terminations[unroll, t] = reward * args.reward_scale, terminated
+                learnable[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                train_return = log_episodes(writer, ended, global_step + (unroll * T + t + 1) * N, train_return)
+            obs[unroll, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        accumulate = args.obs_stats_accumulation == "cumulative"
         if args.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
-            obs_rms.update(obs[:, :T], accumulate)
-        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them
-        # (with legacy_pre_update, statistics that include them, while the stored log-probs came from the old ones).
-        b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
-        b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
-        b_logprobs = logprobs.transpose(1, 2).reshape(U * N, T)
-        b_rewards, b_terminations, b_masks = (torch.as_tensor(x, device=device).transpose(1, 2).reshape(U * N, T) for x in (rewards, terminations, masks))
+            obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
+        # Segments, observations normalized with the statistics that acted on them (with legacy_pre_update, statistics
+        # that include them, while the stored log-probs came from the old ones).
+        b_obs, b_actions, b_logprobs, b_rewards, b_terminations, b_learnable = (
+            to_segments(x, device) for x in (obs_rms(obs), actions, logprobs, rewards, terminations, learnable))
 
         stats = []
-        torch.set_num_threads(update_threads)  # also for the evaluation and refit that follow
+        torch.set_num_threads(update_threads)  # also for the evaluation that follows
         for epoch in range(args.update_epochs):
             perm = torch.randperm(U * N, device=device)
             for start in range(0, U * N, args.batch_size):
                 idx = perm[start : start + args.batch_size]
-                mb_obs, mb_masks = b_obs[idx], b_masks[idx]
+                mb_obs, mb_learnable = b_obs[idx], b_learnable[idx]
                 values = agent.get_value(mb_obs)
-                # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO).
-                with torch.no_grad():
-                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_masks, args.gamma, args.gae_lambda)
-                    # Normalize over the unmasked steps only, and keep the masked ones at zero.
-                    n_valid = mb_masks.sum().clamp(min=2)
-                    adv_mean = advantages.sum() / n_valid
-                    adv_std = (((advantages - adv_mean) * mb_masks) ** 2).sum().div(n_valid - 1).sqrt()
-                    advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mb_masks
+                with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
+                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma, args.gae_lambda)
+                    advantages = normalize_advantages(advantages, mb_learnable)
 
                 dist = agent.get_dist(mb_obs[:, :-1])
                 logratio = dist.log_prob(b_actions[idx]).sum(-1) - b_logprobs[idx]
                 ratio = logratio.exp()
                 pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
-                entropy = dist.entropy().sum(-1).mean()
-                if args.tanh_entropy_correction:  # upstream FPO's PPO: + log|d tanh(u) / du| = 2 (log 2 - u - softplus(-2u))
-                    sample = dist.rsample()
-                    entropy = entropy + (2 * (np.log(2) - sample - F.softplus(-2 * sample))).sum(-1).mean()
+                v_loss = args.vf_coef * (mb_learnable * (v_targets - values[:, :-1]) ** 2).mean()
+                entropy = agent.entropy(dist, args.tanh_entropy_correction)
                 loss = pg_loss + v_loss - args.ent_coef * entropy
 
                 optimizer.zero_grad()
@@ -806,42 +909,24 @@ if __name__ == "__main__":
                 if args.max_grad_norm > 0:
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-                    target_mean = (v_targets * mb_masks).sum() / n_valid
-                    target_var = (((v_targets - target_mean) * mb_masks) ** 2).sum() / n_valid
-                    residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
-                    explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
-                    stats.append(torch.stack([loss, pg_loss, v_loss, entropy, approx_kl, clipfrac, explained_var]))
+                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/entropy": entropy,
+                              "losses/approx_kl": ((ratio - 1) - logratio).mean(), "losses/clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean(),
+                              "losses/explained_variance": explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)})
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
         if args.obs_stats_timing == "rollout_consistent":
-            obs_rms.update(obs[:, :T], accumulate)
+            obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
 
-        stats = torch.stack(stats)  # one device-to-host copy per iteration
-        if not torch.isfinite(stats[:, :3]).all():
-            bad = int((~torch.isfinite(stats[:, :3]).all(1)).nonzero()[0])
-            print(f"error: non-finite loss at iteration {iteration} (epoch {bad // args.num_minibatches + 1}, minibatch {bad % args.num_minibatches + 1}); stopping", file=sys.stderr)
-            sys.exit(1)
-        stats = stats.mean(0).tolist()
-        for name, value in zip(["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"], stats):
-            writer.add_scalar(f"losses/{name}", value, global_step)
-        iteration_time = time.time() - iteration_start
-        train_time += iteration_time
-        # Where the iteration's time went: stepping the envs, the rest of the rollout (inference, copies), the update.
-        for name, value in [("env_share", env_time), ("inference_share", rollout_time - env_time), ("update_share", iteration_time - rollout_time)]:
-            writer.add_scalar(f"perf/{name}", value / iteration_time, global_step)
-        writer.add_scalar("perf/rollout_SPS", int(steps_per_iteration / rollout_time), global_step)
-        sps = int(global_step / train_time)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
+                                                          f"minibatch {i % args.num_minibatches + 1})"), global_step)
+        train_time += time.time() - iteration_start
+        sps = log_timing(writer, global_step, steps_per_iteration, train_time, envs, rollout_time, time.time() - iteration_start)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-
-        if global_step // args.eval_every > (global_step - steps_per_iteration) // args.eval_every or iteration == num_iterations:
+        if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
             eval_return = eval_and_log(global_step)
         eta = (num_iterations - iteration) * train_time / iteration
-        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
-        if global_step // checkpoint_every > (global_step - steps_per_iteration) // checkpoint_every or iteration == num_iterations:
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} "
+              f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+        if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
             loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return, "train_return": train_return}
             save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop))
 
