@@ -750,6 +750,9 @@ def check_args(args):
 
 
 # ---- FPO ----
+LOGRATIO_CLIP = 3.0  # upstream FPO clips each per-sample log-ratio to +-this (with --no-average-losses-before-exp)
+
+
 class Agent(nn.Module):
     """Flow actor 4x32 (inputs [obs_norm, x_t, temb(t)], output times 0.25) and critic 5x256, SiLU MLPs, as upstream FPO."""
 
@@ -787,6 +790,22 @@ class Agent(nn.Module):
         return u, (eps, t, self.cfm_loss(x, u, eps, t)), torch.tanh(u)
 
 
+def eval_policy(agent, obs_rms, seed):
+    """The policy that evaluation runs: raw observation -> action in [-1, 1]. It samples the flow from x_1 ~ N(0, I): a flow policy has no tractable mean, with noise from a generator
+    seeded `seed` here, so every evaluation draws the same noise and a reloaded checkpoint reproduces its return."""
+    generator = torch.Generator(next(agent.parameters()).device).manual_seed(seed)
+    return lambda x: agent.act(obs_rms(x), generator)[2]
+
+
+def load_policy(checkpoint, device):
+    """The evaluation policy of a saved model (--eval-checkpoint)."""
+    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], checkpoint["args"]["flow_steps"], checkpoint["args"]["samples_per_action"]).to(device)
+    agent.load_state_dict(checkpoint["agent"])
+    return eval_policy(agent, obs_rms, checkpoint["args"]["seed"] + EVAL_SEED_OFFSET)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
@@ -797,32 +816,15 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
     rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
-
     if args.eval_checkpoint is not None:
-        checkpoint = load_checkpoint(args.eval_checkpoint)
-        saved = Args(**checkpoint["args"])
-        backend = resolve_backend(saved.env_id, checkpoint["backend"])
-        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
-        obs_rms.load_state_dict(checkpoint["obs_rms"])
-        agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved.flow_steps, saved.samples_per_action).to(device)
-        agent.load_state_dict(checkpoint["agent"])
-        generator = torch.Generator(device).manual_seed(saved.seed + EVAL_SEED_OFFSET)
-        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-        video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-        if video_path is not None:
-            print(f"video saved to {video_path}")
+        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
         sys.exit(0)
 
     check_args(args)
-    if not (args.flow_steps > 0 and args.samples_per_action > 0):
-        fail(f"--flow-steps and --samples-per-action must be positive, got {args.flow_steps} and {args.samples_per_action}")
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     check_resources(args, backend)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
-    unrolls_per_iteration = args.batch_size * args.num_minibatches // args.num_envs
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
     checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
     if args.track:
@@ -830,7 +832,8 @@ if __name__ == "__main__":
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -852,19 +855,20 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        generator = torch.Generator(device).manual_seed(args.seed + EVAL_SEED_OFFSET)  # the same evaluation noise every time
-        mean, std = evaluate(lambda x: agent.act(obs_rms(x), generator)[2], args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
-        writer.add_scalar("eval/episodic_return", mean, global_step)
-        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        policy = eval_policy(agent, obs_rms, args.seed + EVAL_SEED_OFFSET)  # the same evaluation noise every time
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
-    U, T, N = unrolls_per_iteration, args.unroll_length, args.num_envs
+    # `learnable` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
+    U, T, N = args.batch_size * args.num_minibatches // args.num_envs, args.unroll_length, args.num_envs
     obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
     actions = torch.zeros((U, T, N, action_dim), device=device)
     S = args.samples_per_action  # per action: S stored (eps, t) pairs and their CFM losses under the rollout parameters
-    cfm_eps, cfm_t, old_losses = torch.zeros((U, T, N, S, action_dim), device=device), torch.zeros((U, T, N, S, 1), device=device), torch.zeros((U, T, N, S), device=device)
-    rewards, terminations, masks = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
+    cfm_eps, cfm_t = torch.zeros((U, T, N, S, action_dim), device=device), torch.zeros((U, T, N, S, 1), device=device)
+    old_losses = torch.zeros((U, T, N, S), device=device)
+    rewards, terminations, learnable = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
 
     modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms}
     iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
@@ -872,108 +876,76 @@ if __name__ == "__main__":
         eval_return = eval_and_log(0)
     else:
         loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, modules)
-        iteration, global_step, train_time, eval_return, train_return = (loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
+        iteration, global_step, train_time, eval_return, train_return = (
+            loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
     for iteration in range(iteration + 1, num_iterations + 1):
-        iteration_start, env_time = time.time(), 0.0
+        iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
-        for u in range(U):
+        for unroll in range(U):
             for t in range(T):
-                obs[u, t] = torch.as_tensor(next_obs, device=device)
+                obs[unroll, t] = torch.as_tensor(next_obs, device=device)
                 with torch.no_grad():
-                    actions[u, t], (cfm_eps[u, t], cfm_t[u, t], old_losses[u, t]), env_action = agent.act(obs_rms(obs[u, t]))
-                env_action, env_start = env_action.cpu().numpy(), time.time()
-                next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action)
-                env_time += time.time() - env_start
-                rewards[u, t], terminations[u, t] = reward * args.reward_scale, terminated
-                masks[u, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
-                if len(ended_returns):
-                    train_return = float(ended_returns.mean())
-                    writer.add_scalar("charts/episodic_return", train_return, global_step + (u * T + t + 1) * N)
-                    writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step + (u * T + t + 1) * N)
-            obs[u, T] = torch.as_tensor(next_obs, device=device)
+                    actions[unroll, t], (cfm_eps[unroll, t], cfm_t[unroll, t], old_losses[unroll, t]), env_action = agent.act(obs_rms(obs[unroll, t]))
+                next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
+                rewards[unroll, t], terminations[unroll, t] = reward * args.reward_scale, terminated
+                learnable[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                train_return = log_episodes(writer, ended, global_step + (unroll * T + t + 1) * N, train_return)
+            obs[unroll, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        accumulate = args.obs_stats_accumulation == "cumulative"
         if args.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
-            obs_rms.update(obs[:, :T], accumulate)
-        # Segments [S, T(+1), ...], S = U * N; observations normalized with the statistics that acted on them
-        # (with legacy_pre_update, statistics that include them, while the stored log-probs came from the old ones).
-        b_obs = obs_rms(obs.transpose(1, 2).reshape(U * N, T + 1, obs_dim))
-        b_actions = actions.transpose(1, 2).reshape(U * N, T, action_dim)
-        b_eps, b_t = cfm_eps.transpose(1, 2).reshape(U * N, T, S, action_dim), cfm_t.transpose(1, 2).reshape(U * N, T, S, 1)
-        b_old_losses = old_losses.transpose(1, 2).reshape(U * N, T, S)
-        b_rewards, b_terminations, b_masks = (torch.as_tensor(x, device=device).transpose(1, 2).reshape(U * N, T) for x in (rewards, terminations, masks))
+            obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
+        # Segments, observations normalized with the statistics that acted on them (with legacy_pre_update, statistics
+        # that include them, while the stored log-probs came from the old ones).
+        b_obs, b_actions, b_eps, b_t, b_old_losses, b_rewards, b_terminations, b_learnable = (
+            to_segments(x, device) for x in (obs_rms(obs), actions, cfm_eps, cfm_t, old_losses, rewards, terminations, learnable))
 
         stats = []
-        torch.set_num_threads(update_threads)  # also for the evaluation and refit that follow
+        torch.set_num_threads(update_threads)  # also for the evaluation that follows
         for epoch in range(args.update_epochs):
             perm = torch.randperm(U * N, device=device)
             for start in range(0, U * N, args.batch_size):
                 idx = perm[start : start + args.batch_size]
-                mb_obs, mb_masks = b_obs[idx], b_masks[idx]
+                mb_obs, mb_learnable = b_obs[idx], b_learnable[idx]
                 values = agent.get_value(mb_obs)
-                # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO).
-                with torch.no_grad():
-                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_masks, args.gamma, args.gae_lambda)
-                    # Normalize over the unmasked steps only, and keep the masked ones at zero.
-                    n_valid = mb_masks.sum().clamp(min=2)
-                    adv_mean = advantages.sum() / n_valid
-                    adv_std = (((advantages - adv_mean) * mb_masks) ** 2).sum().div(n_valid - 1).sqrt()
-                    advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mb_masks
+                with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
+                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma, args.gae_lambda)
+                    advantages = normalize_advantages(advantages, mb_learnable)
 
                 new_losses = agent.cfm_loss(mb_obs[:, :-1], b_actions[idx], b_eps[idx], b_t[idx])
                 if args.average_losses_before_exp:  # one ratio per transition: exp(mean_S L_old - mean_S L_new)
                     logratio = b_old_losses[idx].mean(-1) - new_losses.mean(-1)
-                else:  # one ratio per (eps, t) sample, its log clipped to +-3 as upstream; the surrogate averages them
-                    logratio, advantages = (b_old_losses[idx] - new_losses).clamp(-3.0, 3.0), advantages.unsqueeze(-1)
+                else:  # one ratio per (eps, t) sample, its log clipped to +-LOGRATIO_CLIP as upstream; the surrogate averages them
+                    logratio, advantages = (b_old_losses[idx] - new_losses).clamp(-LOGRATIO_CLIP, LOGRATIO_CLIP), advantages.unsqueeze(-1)
                 ratio = logratio.exp()
                 pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                v_loss = args.vf_coef * (mb_masks * (v_targets - values[:, :-1]) ** 2).mean()
-                cfm = new_losses.mean()  # logged in place of an entropy: FPO has no entropy term
-                loss = pg_loss + v_loss
+                v_loss = args.vf_coef * (mb_learnable * (v_targets - values[:, :-1]) ** 2).mean()
+                loss = pg_loss + v_loss  # FPO has no entropy term
 
                 optimizer.zero_grad()
                 loss.backward()
                 if args.max_grad_norm > 0:
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-                    target_mean = (v_targets * mb_masks).sum() / n_valid
-                    target_var = (((v_targets - target_mean) * mb_masks) ** 2).sum() / n_valid
-                    residual_var = (((v_targets - values[:, :-1]) * mb_masks) ** 2).sum() / n_valid
-                    explained_var = 1 - residual_var / target_var.clamp(min=1e-8)
-                    stats.append(torch.stack([loss, pg_loss, v_loss, cfm, approx_kl, clipfrac, explained_var]))
+                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/cfm_loss": new_losses.mean(),
+                              "losses/approx_kl": ((ratio - 1) - logratio).mean(), "losses/clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean(),
+                              "losses/explained_variance": explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)})
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
         if args.obs_stats_timing == "rollout_consistent":
-            obs_rms.update(obs[:, :T], accumulate)
+            obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
 
-        stats = torch.stack(stats)  # one device-to-host copy per iteration
-        if not torch.isfinite(stats[:, :3]).all():
-            bad = int((~torch.isfinite(stats[:, :3]).all(1)).nonzero()[0])
-            print(f"error: non-finite loss at iteration {iteration} (epoch {bad // args.num_minibatches + 1}, minibatch {bad % args.num_minibatches + 1}); stopping", file=sys.stderr)
-            sys.exit(1)
-        stats = stats.mean(0).tolist()
-        for name, value in zip(["loss", "policy_loss", "value_loss", "cfm_loss", "approx_kl", "clipfrac", "explained_variance"], stats):
-            writer.add_scalar(f"losses/{name}", value, global_step)
-        iteration_time = time.time() - iteration_start
-        train_time += iteration_time
-        # Where the iteration's time went: stepping the envs, the rest of the rollout (inference, copies), the update.
-        for name, value in [("env_share", env_time), ("inference_share", rollout_time - env_time), ("update_share", iteration_time - rollout_time)]:
-            writer.add_scalar(f"perf/{name}", value / iteration_time, global_step)
-        writer.add_scalar("perf/rollout_SPS", int(steps_per_iteration / rollout_time), global_step)
-        sps = int(global_step / train_time)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
+                                                          f"minibatch {i % args.num_minibatches + 1})"), global_step)
+        train_time += time.time() - iteration_start
+        sps = log_timing(writer, global_step, steps_per_iteration, train_time, envs, rollout_time, time.time() - iteration_start)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-
-        if global_step // args.eval_every > (global_step - steps_per_iteration) // args.eval_every or iteration == num_iterations:
+        if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
             eval_return = eval_and_log(global_step)
         eta = (num_iterations - iteration) * train_time / iteration
-        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
-        if global_step // checkpoint_every > (global_step - steps_per_iteration) // checkpoint_every or iteration == num_iterations:
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} "
+              f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+        if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
             loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return, "train_return": train_return}
             save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop))
 

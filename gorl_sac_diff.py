@@ -769,6 +769,22 @@ class Actor(nn.Module):
         return u, log_prob, dist.mean
 
 
+def eval_policy(actor, obs_rms, decoder):
+    """The deterministic policy that evaluation runs: raw observation -> the actor's mean latent, decoded, tanh."""
+    return lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x))[2]))
+
+
+def load_policy(checkpoint, device):
+    """The evaluation policy of a saved model (--eval-checkpoint)."""
+    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], checkpoint["args"]["decoder_hidden"]).to(device)
+    decoder.load_state_dict(checkpoint["decoder"])
+    return eval_policy(actor, obs_rms, decoder)
+
+
 def actor_at_prior(actor):
     """Sets the actor's latent policy to exactly N(0, I) for any observation, as the PPO scripts' `prior` reset (paper
     Sec. 3): last layer zero, mean bias 0, and the log-std bias at atanh(3/7), where the squashed log-std is 0."""
@@ -846,7 +862,9 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
     sac.q_optimizer.zero_grad()
     qf_loss.backward()
     sac.q_optimizer.step()
-    q_stats, pi_stats = torch.stack([qf1_a_values.mean(), qf2_a_values.mean(), qf1_loss, qf2_loss, qf_loss / 2]).detach(), None
+    q_stats = {"losses/qf1_values": qf1_a_values.mean(), "losses/qf2_values": qf2_a_values.mean(), "losses/qf1_loss": qf1_loss,
+               "losses/qf2_loss": qf2_loss, "losses/qf_loss": qf_loss / 2}
+    pi_stats = None
 
     if update % args.policy_frequency == 0:
         for _ in range(args.policy_frequency):
@@ -863,14 +881,17 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
                 sac.a_optimizer.zero_grad()
                 alpha_loss.backward()
                 sac.a_optimizer.step()
-            pi_stats = torch.stack([actor_loss, alpha, alpha_loss, -log_pi.mean(), latent_kl]).detach()
+            pi_stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss, "losses/entropy": -log_pi.mean()}
+            pi_stats["gorl/latent_kl"] = latent_kl
     soft_update(sac.qf1_target, sac.qf1, args.tau)
     soft_update(sac.qf2_target, sac.qf2, args.tau)
-    return q_stats, pi_stats
+    detach = lambda stats: None if stats is None else {name: value.detach() for name, value in stats.items()}  # noqa: E731
+    return detach(q_stats), detach(pi_stats)
 
 
 SAMPLES_PER_ACTION = 8  # (noise, t) pairs per action in the decoder's loss, as the released code
 VAL_ACTIONS = 65_536  # held-out actions in the refit's validation loss (and the chunk that bounds its memory)
+REFINE_SEED_OFFSET = 200_000  # refinement envs of stage k are seeded seed + this + k: neither training nor evaluation seeds
 
 
 class Decoder(nn.Module):
@@ -929,28 +950,28 @@ class Decoder(nn.Module):
 def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, seed, device):
     """Runs the stage's encoder (z sampled, not its mean) through the stage's decoder until `num_episodes` episodes
     have ended. `policy` maps raw observations to (z, pre-tanh action). Returns (obs, action, z, episode id) of the
-    valid steps of finished episodes, the finished episodes' returns, and the env steps taken."""
+    valid steps of ended episodes, the ended episodes' returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
     episode, next_episode = np.arange(num_envs), num_envs
-    steps, episode_ids, valids, finished, returns = [], [], [], [], []
+    transitions, episode_ids, valids, ended_episodes, returns = [], [], [], [], []
     while len(returns) < num_episodes:
         obs = torch.as_tensor(next_obs, device=device)
         z, action = policy(obs)
         next_obs, _, terminated, truncated, valid, (ended_returns, _) = envs.step(torch.tanh(action).cpu().numpy())
-        steps.append((obs, action, z))
+        transitions.append((obs, action, z))
         episode_ids.append(episode.copy())
         valids.append(valid)
         done = terminated | truncated
-        finished.extend(episode[done])
+        ended_episodes.extend(episode[done])
         returns.extend(ended_returns)
         episode[done] = next_episode + np.arange(done.sum())
         next_episode += int(done.sum())
     envs.close()
-    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), finished)).reshape(-1), device=device)
-    obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*steps))
+    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), ended_episodes)).reshape(-1), device=device)
+    obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*transitions))
     episode_id = torch.as_tensor(np.stack(episode_ids).reshape(-1), device=device)[keep]
-    return (obs, action, z, episode_id), np.array(returns), len(steps) * num_envs
+    return (obs, action, z, episode_id), np.array(returns), len(transitions) * num_envs
 
 
 def fit_decoder(data, args, device):
@@ -1010,6 +1031,17 @@ def fit_decoder(data, args, device):
     return decoder, train_loss, best_val
 
 
+def refinement_policy(actor, obs_rms, decoder):
+    """The policy that collects Phase 2's data: z sampled from the actor (not its mean) and decoded.
+    Returns (z, pre-tanh action)."""
+
+    def policy(x):
+        z = actor.get_action(obs_rms(x))[0]
+        return z, decoder(x, z)
+
+    return policy
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
@@ -1022,27 +1054,13 @@ if __name__ == "__main__":
     rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
 
     if args.eval_checkpoint is not None:
-        checkpoint = load_checkpoint(args.eval_checkpoint)
-        saved = Args(**checkpoint["args"])
-        backend = resolve_backend(saved.env_id, checkpoint["backend"])
-        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
-        obs_rms.load_state_dict(checkpoint["obs_rms"])
-        actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], saved.decoder_hidden).to(device)
-        decoder.load_state_dict(checkpoint["decoder"])
-        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-        video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x))[2])), saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-        if video_path is not None:
-            print(f"video saved to {video_path}")
+        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
         sys.exit(0)
 
-    check_sac_args(args)
+    check_args(args)
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    stage_steps = check_gorl_sac_args(args)
-    check_resources(args, backend)  # after every argument check: it builds envs
+    check_resources(args, backend)
+    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // args.num_envs * args.num_envs for w in args.stage_weights]
     num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
     checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
@@ -1051,12 +1069,14 @@ if __name__ == "__main__":
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
-    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step, stages of {stage_steps} steps")
+    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step, "
+          f"stages of {stage_steps} steps")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1074,9 +1094,9 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: torch.tanh(decoder(x, sac.actor.get_action(obs_rms(x))[2])), args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
-        writer.add_scalar("eval/episodic_return", mean, global_step)
-        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        policy = eval_policy(sac.actor, obs_rms, decoder)
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
     buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
@@ -1109,12 +1129,9 @@ if __name__ == "__main__":
                 action = sac.actor.get_action(obs_rms(obs))[0]
         with torch.no_grad():  # Phase 1: SAC's action is the latent z; the frozen decoder is part of the environment
             env_action = torch.tanh(decoder(obs, action))
-        next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+        next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
         global_step += N
-        if len(ended_returns):
-            train_return = float(ended_returns.mean())
-            writer.add_scalar("charts/episodic_return", train_return, global_step)
-            writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step)
+        train_return = log_episodes(writer, ended, global_step, train_return)
 
         rb.add(obs, action, reward, envs.final_obs, terminated, valid)
         if valid.any():
@@ -1126,60 +1143,57 @@ if __name__ == "__main__":
                 q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
                 updates += 1
                 q_stats.append(q)
-                if pi is not None:
-                    pi_stats.append(pi)
+                pi_stats += [pi] if pi is not None else []
 
-        if global_step // 1000 > (global_step - N) // 1000 or step in stage_ends:  # log every 1000 env steps
+        log_point = crossed(global_step, N, 1000) or step in stage_ends  # log every 1000 env steps
+        if log_point:
             train_time += time.time() - step_start
-            if q_stats:
-                q, pi = torch.stack(q_stats), torch.stack(pi_stats) if pi_stats else None  # one device-to-host copy
-                if not (torch.isfinite(q).all() and (pi is None or torch.isfinite(pi).all())):
-                    print(f"error: non-finite loss in the {len(q_stats)} updates before global_step {global_step} (updates {updates - len(q_stats) + 1}..{updates}); stopping", file=sys.stderr)
-                    sys.exit(1)
-                for name, value in zip(["qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss"], q.mean(0).tolist()):
-                    writer.add_scalar(f"losses/{name}", value, global_step)
-                for name, value in zip(["losses/actor_loss", "losses/alpha", "losses/alpha_loss", "losses/entropy", "gorl/latent_kl"], pi.mean(0).tolist() if pi is not None else []):
-                    writer.add_scalar(name, value, global_step)
-                q_stats, pi_stats = [], []
+            for stats in (q_stats, pi_stats):
+                if stats:
+                    log_scalars(writer, finite_means(stats, lambda i: f"in the {len(q_stats)} updates before global_step {global_step}"),
+                                global_step)
+            q_stats, pi_stats = [], []
             writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
             writer.add_scalar("gorl/stage", stage, global_step)
             if global_step >= next_eval or step in stage_ends:  # GoRL also evaluates at every stage end
                 eval_return = eval_and_log(global_step)
                 next_eval = (global_step // args.eval_every + 1) * args.eval_every
                 eta = (num_steps - step) * train_time / step
-                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
-            if step in stage_ends[:-1]:
-                # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
-                # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
-                def refine_policy(x):
-                    z = sac.actor.get_action(obs_rms(x))[0]
-                    return z, decoder(x, z)
-
-                refine_start = time.time()
-                data, refine_returns, steps = collect_refinement_data(refine_policy, args.env_id, backend, args.refine_num_envs, args.refine_episodes, args.seed + 200_000 + stage, device)
-                refine_steps += steps
-                decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
-                decoder.requires_grad_(False)
-                decoders.append(copy.deepcopy(decoder.state_dict()))
-                for name, value in [("gorl/refine_return", refine_returns.mean()), ("gorl/refine_steps", refine_steps), ("decoder/train_loss", decoder_train_loss), ("decoder/val_loss", decoder_val_loss)]:
-                    writer.add_scalar(name, float(value), global_step)
-                # Stage-wise re-initialization: actor, critics and buffer restart, since a z stored under the old
-                # decoder now means a different action.
-                stage, stage_start = stage + 1, global_step
-                sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
-                actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
-                # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
-                refit_return = evaluate(lambda x: torch.tanh(decoder(x, sac.actor.get_action(obs_rms(x))[2])), args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
-                writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
-                print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), "
-                      f"decoder loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} ({time.time() - refine_start:.0f}s)")
-            if global_step >= next_checkpoint or step in stage_ends:
-                next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
-                loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return, "train_return": train_return,
-                        "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
-                        "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps, "decoders": decoders}
-                save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
+                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} "
+                      f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
             step_start = time.time()
+        if step in stage_ends[:-1]:
+            # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
+            # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
+            refine_start = time.time()
+            data, refine_returns, steps = collect_refinement_data(refinement_policy(sac.actor, obs_rms, decoder), args.env_id, backend,
+                                                                  args.refine_num_envs, args.refine_episodes, args.seed + REFINE_SEED_OFFSET + stage, device)
+            refine_steps += steps
+            decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
+            decoder.requires_grad_(False)
+            decoders.append(copy.deepcopy(decoder.state_dict()))
+            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps, "decoder/train_loss": decoder_train_loss,
+                                 "decoder/val_loss": decoder_val_loss}, global_step)
+            # Stage-wise re-initialization: actor, critics and buffer restart, since a z stored under the old
+            # decoder now means a different action.
+            stage, stage_start = stage + 1, global_step
+            sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+            actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
+            # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
+            policy = eval_policy(sac.actor, obs_rms, decoder)
+            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
+            writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
+            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), decoder "
+                  f"loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
+                  f"({time.time() - refine_start:.0f}s)")
+            step_start = time.time()  # the refit is not training time
+        if log_point and (global_step >= next_checkpoint or step in stage_ends):
+            next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
+            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return,
+                    "train_return": train_return, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
+                    "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps, "decoders": decoders}
+            save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
+            step_start = time.time()  # writing the checkpoint is not training time
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"

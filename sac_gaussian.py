@@ -722,6 +722,20 @@ class Actor(nn.Module):
         return u, log_prob, dist.mean
 
 
+def eval_policy(actor, obs_rms):
+    """The deterministic policy that evaluation runs: raw observation -> tanh of the Gaussian's mean."""
+    return lambda x: torch.tanh(actor.get_action(obs_rms(x))[2])
+
+
+def load_policy(checkpoint, device):
+    """The evaluation policy of a saved model (--eval-checkpoint)."""
+    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    return eval_policy(actor, obs_rms)
+
+
 def make_sac(obs_dim, action_dim, args, device):
     """A fresh actor, two critics and their targets, their optimizers and the entropy coefficient."""
     actor, qf1, qf2 = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
@@ -788,7 +802,9 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
     sac.q_optimizer.zero_grad()
     qf_loss.backward()
     sac.q_optimizer.step()
-    q_stats, pi_stats = torch.stack([qf1_a_values.mean(), qf2_a_values.mean(), qf1_loss, qf2_loss, qf_loss / 2]).detach(), None
+    q_stats = {"losses/qf1_values": qf1_a_values.mean(), "losses/qf2_values": qf2_a_values.mean(), "losses/qf1_loss": qf1_loss,
+               "losses/qf2_loss": qf2_loss, "losses/qf_loss": qf_loss / 2}
+    pi_stats = None
 
     if update % args.policy_frequency == 0:
         for _ in range(args.policy_frequency):
@@ -804,10 +820,11 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
                 sac.a_optimizer.zero_grad()
                 alpha_loss.backward()
                 sac.a_optimizer.step()
-            pi_stats = torch.stack([actor_loss, alpha, alpha_loss, -log_pi.mean()]).detach()
+            pi_stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss, "losses/entropy": -log_pi.mean()}
     soft_update(sac.qf1_target, sac.qf1, args.tau)
     soft_update(sac.qf2_target, sac.qf2, args.tau)
-    return q_stats, pi_stats
+    detach = lambda stats: None if stats is None else {name: value.detach() for name, value in stats.items()}  # noqa: E731
+    return detach(q_stats), detach(pi_stats)
 
 
 if __name__ == "__main__":
@@ -822,22 +839,10 @@ if __name__ == "__main__":
     rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
 
     if args.eval_checkpoint is not None:
-        checkpoint = load_checkpoint(args.eval_checkpoint)
-        saved = Args(**checkpoint["args"])
-        backend = resolve_backend(saved.env_id, checkpoint["backend"])
-        obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
-        obs_rms.load_state_dict(checkpoint["obs_rms"])
-        actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-        video_path = f"videos/{run_dir}/eval_checkpoint.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: torch.tanh(actor.get_action(obs_rms(x))[2]), saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-        if video_path is not None:
-            print(f"video saved to {video_path}")
+        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
         sys.exit(0)
 
-    check_sac_args(args)
+    check_args(args)
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     check_resources(args, backend)
     num_steps = args.total_timesteps // args.num_envs
@@ -848,7 +853,8 @@ if __name__ == "__main__":
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -868,9 +874,9 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        mean, std = evaluate(lambda x: torch.tanh(sac.actor.get_action(obs_rms(x))[2]), args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
-        writer.add_scalar("eval/episodic_return", mean, global_step)
-        writer.add_scalar("eval/episodic_return_std", std, global_step)
+        policy = eval_policy(sac.actor, obs_rms)
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
     buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
@@ -901,12 +907,9 @@ if __name__ == "__main__":
             with torch.no_grad():
                 action = sac.actor.get_action(obs_rms(obs))[0]
         env_action = torch.tanh(action)
-        next_obs, reward, terminated, truncated, valid, (ended_returns, ended_lengths) = envs.step(env_action.cpu().numpy())
+        next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
         global_step += N
-        if len(ended_returns):
-            train_return = float(ended_returns.mean())
-            writer.add_scalar("charts/episodic_return", train_return, global_step)
-            writer.add_scalar("charts/episodic_length", float(ended_lengths.mean()), global_step)
+        train_return = log_episodes(writer, ended, global_step, train_return)
 
         rb.add(obs, action, reward, envs.final_obs, terminated, valid)
         if valid.any():
@@ -918,33 +921,30 @@ if __name__ == "__main__":
                 q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
                 updates += 1
                 q_stats.append(q)
-                if pi is not None:
-                    pi_stats.append(pi)
+                pi_stats += [pi] if pi is not None else []
 
-        if global_step // 1000 > (global_step - N) // 1000 or step == num_steps:  # log every 1000 env steps
+        log_point = crossed(global_step, N, 1000) or step == num_steps  # log every 1000 env steps
+        if log_point:
             train_time += time.time() - step_start
-            if q_stats:
-                q, pi = torch.stack(q_stats), torch.stack(pi_stats) if pi_stats else None  # one device-to-host copy
-                if not (torch.isfinite(q).all() and (pi is None or torch.isfinite(pi).all())):
-                    print(f"error: non-finite loss in the {len(q_stats)} updates before global_step {global_step} (updates {updates - len(q_stats) + 1}..{updates}); stopping", file=sys.stderr)
-                    sys.exit(1)
-                for name, value in zip(["qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss"], q.mean(0).tolist()):
-                    writer.add_scalar(f"losses/{name}", value, global_step)
-                for name, value in zip(["losses/actor_loss", "losses/alpha", "losses/alpha_loss", "losses/entropy"], pi.mean(0).tolist() if pi is not None else []):
-                    writer.add_scalar(name, value, global_step)
-                q_stats, pi_stats = [], []
+            for stats in (q_stats, pi_stats):
+                if stats:
+                    log_scalars(writer, finite_means(stats, lambda i: f"in the {len(q_stats)} updates before global_step {global_step}"),
+                                global_step)
+            q_stats, pi_stats = [], []
             writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
             if global_step >= next_eval or step == num_steps:
                 eval_return = eval_and_log(global_step)
                 next_eval = (global_step // args.eval_every + 1) * args.eval_every
                 eta = (num_steps - step) * train_time / step
-                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
-            if global_step >= next_checkpoint or step == num_steps:
-                next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
-                loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return, "train_return": train_return,
-                        "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone()}
-                save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
+                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} "
+                      f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
             step_start = time.time()
+        if log_point and (global_step >= next_checkpoint or step == num_steps):
+            next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
+            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return,
+                    "train_return": train_return, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone()}
+            save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
+            step_start = time.time()  # writing the checkpoint is not training time
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
