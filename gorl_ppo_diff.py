@@ -65,14 +65,17 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after every refit"""
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after
+    every refit"""
     resume: Optional[str] = None
-    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and log dir"""
+    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and
+    log dir"""
 
     env_id: str = "HopperStand"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
     env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
-    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`:
+    envpool when it has the task"""
     total_timesteps: int = 180_000_000
     """total environment steps of training (evaluation steps are not counted)"""
     num_envs: int = 2048
@@ -111,7 +114,8 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum global norm for gradient clipping; 0 disables it"""
     max_grad_norm_later: Optional[float] = None
-    """the gradient clipping norm in stages 1, 2, ... (the release: 1.0 on WalkerWalk and FingerTurnHard); default: --max-grad-norm"""
+    """the gradient clipping norm in stages 1, 2, ... (the release: 1.0 on WalkerWalk and FingerTurnHard); default:
+    --max-grad-norm"""
     reward_scale: float = 10.0
     """rewards are multiplied by this before GAE"""
     eval_every: int = 6_000_000
@@ -143,15 +147,18 @@ class Args:
     refine_num_envs: int = 64
     """the number of parallel environments collecting the refinement episodes"""
     refine_from: Literal["best", "last"] = "best"
-    """which encoder of the stage collects the refinement data: the best-evaluated one (released code) or the last (paper text)"""
+    """which encoder of the stage collects the refinement data: the best-evaluated one (released code) or the last
+    (paper text)"""
     refine_input: Literal["prior", "latent"] = "prior"
-    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the encoder's collected z (ablation Sec. 4.3.1)"""
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the encoder's collected z
+    (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
     """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
     decoder_steps: int = 0
     """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
     target_clip: float = 3.0
-    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on HopperStand)"""
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on
+    HopperStand)"""
     decoder_batch_size: int = 8192
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4
@@ -181,7 +188,8 @@ def resolve_backend(env_id, backend):
     dmc = dmc_task_ids()
     if env_id not in dmc and env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
-        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+        hint = f"did you mean {', '.join(close)}?" if close else "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"
+        fail(f"unknown --env-id {env_id!r}; {hint}")
     try:
         import envpool  # noqa: F401
     except ImportError:
@@ -199,7 +207,8 @@ def resolve_backend(env_id, backend):
     if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
         fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
     if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
-        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl (or osmesa), or use envpool")
+        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl "
+             "(or osmesa), or use envpool")
     return backend
 
 
@@ -222,7 +231,9 @@ def render_backend(capture_video):
     probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
     choices = [gl for gl in [os.environ.get("MUJOCO_GL"), "egl", "osmesa"] if gl not in (None, "disable")]
     for gl in dict.fromkeys(choices):
-        probe_run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120)
+        probe_run = subprocess.run(
+            [sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120
+        )
         if probe_run.returncode == 0:
             return gl
     fail(f"--capture-video: no OpenGL backend renders here (tried MUJOCO_GL={', '.join(dict.fromkeys(choices))}); "
@@ -364,7 +375,9 @@ class VecEnv:
                 return make
 
             # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
-            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            self.envs = gym.vector.SyncVectorEnv(
+                [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+            )
             action_space = self.envs.single_action_space
             if env_id in dmc:  # dm_control's own entries, for an EnvPool VecEnv of the same task in this process
                 VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(self.envs.single_observation_space.keys())
@@ -397,7 +410,10 @@ class VecEnv:
     def flatten(obs, keys=None):
         """Dict entries `keys` (default: all, sorted) concatenated into one float32 row per env."""
         if isinstance(obs, dict):
-            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)], axis=1)
+            obs = np.concatenate(
+                [np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)],
+                axis=1,
+            )
         return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
 
     def reset(self):
@@ -431,18 +447,22 @@ class VecEnv:
             self.final_obs = obs.copy()
             for i in np.flatnonzero(done):
                 last = info["final_obs"][i]
-                self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
+                self.final_obs[i] = self.flatten(
+                    {k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None]
+                )[0]
         return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
 
     def scale_action(self, action):
         """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
         clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
         action = np.asarray(action, dtype=np.float64)
-        scaled = np.clip(self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high)
+        scaled = np.clip(
+            self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high
+        )
         return np.where(self.action_bounded, scaled, action)
 
     # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
-    episode_model_fields = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos", "site_quat")
+    episode_model_fields = "body_pos body_quat geom_pos geom_quat geom_size geom_rgba site_pos site_quat".split()
 
     def get_state(self):
         """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
@@ -463,7 +483,11 @@ class VecEnv:
             states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
                            "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
                            "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
-        return {"envs": states, "episode_return": torch.from_numpy(self.episode_return), "episode_length": torch.from_numpy(self.episode_length)}
+        return {
+            "envs": states,
+            "episode_return": torch.from_numpy(self.episode_return),
+            "episode_length": torch.from_numpy(self.episode_length),
+        }
 
     def set_state(self, state):
         """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
@@ -559,7 +583,7 @@ def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
 
 
 def to_segments(x, device):
-    """Rollout storage [U unrolls, T steps, N envs, ...] -> segments [U * N, T, ...]: each row is T consecutive steps of one env."""
+    """Rollout storage [U unrolls, T steps, N envs, ...] -> segments [U * N, T, ...]: T consecutive steps of one env each."""
     return torch.as_tensor(x, device=device).transpose(1, 2).flatten(0, 1)
 
 
@@ -641,7 +665,8 @@ def mt19937_state(state):
 def rng_state():
     """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(state):
@@ -667,14 +692,15 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     script = os.path.basename(__file__)
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+        writer = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
+        fail(f"checkpoint {path!r} was written by {writer}, not by {script}")
     return checkpoint
 
 
 def resumed_args(args, checkpoint):
     """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
     task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
-    may_differ = {"resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+    may_differ = "resume checkpoint_every cuda track wandb_project_name wandb_entity capture_video save_model".split()
     defaults, saved = vars(Args()), checkpoint["args"]
     for name, value in vars(args).items():
         if name not in may_differ and value != defaults[name] and value != saved[name]:
@@ -685,9 +711,10 @@ def resumed_args(args, checkpoint):
 def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
     """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
     the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
-    return {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name, "obs_dim": next_obs.shape[1],
-            "action_dim": envs.action_dim, "envs": envs.get_state(), "next_obs": torch.from_numpy(next_obs), "rng": rng_state(), "loop": loop,
-            **{name: module.state_dict() for name, module in modules.items()}}
+    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name}
+    checkpoint.update(obs_dim=next_obs.shape[1], action_dim=envs.action_dim, envs=envs.get_state(), loop=loop)
+    checkpoint.update(next_obs=torch.from_numpy(next_obs))
+    return {**checkpoint, "rng": rng_state(), **{name: module.state_dict() for name, module in modules.items()}}
 
 
 def restore_checkpoint(checkpoint, envs, next_obs, modules):
@@ -706,10 +733,13 @@ def evaluate_checkpoint(path, capture_video, device, load_policy):
     checkpoint = load_checkpoint(path)
     saved = Args(**checkpoint["args"])
     backend = resolve_backend(saved.env_id, checkpoint["backend"])
-    video_path = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    video_path = (
+        f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    )
     policy = load_policy(checkpoint, device)
     mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} "
+          f"({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
     if video_path is not None:
         print(f"video saved to {video_path}")
 
@@ -749,9 +779,9 @@ def log_timing(writer, global_step, steps, train_time, envs, rollout_time, itera
     """charts/SPS, and where the iteration's time went: stepping the envs, the rest of the rollout (inference,
     copies), the update. Takes (and resets) the envs' stepping time. Returns the SPS."""
     sps = int(global_step / train_time)
-    log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps / rollout_time), "perf/env_share": envs.step_time / iteration_time,
-                         "perf/inference_share": (rollout_time - envs.step_time) / iteration_time,
-                         "perf/update_share": (iteration_time - rollout_time) / iteration_time}, global_step)
+    shares = {"env": envs.step_time, "inference": rollout_time - envs.step_time, "update": iteration_time - rollout_time}
+    log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps / rollout_time)}, global_step)
+    log_scalars(writer, {f"perf/{name}_share": seconds / iteration_time for name, seconds in shares.items()}, global_step)
     envs.step_time = 0.0
     return sps
 
@@ -759,51 +789,51 @@ def log_timing(writer, global_step, steps, train_time, envs, rollout_time, itera
 def check_args(args):
     """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
     names; a GoRL script checks its baseline's settings and its own with the same code."""
-    positive = ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every",
-                "num_eval_envs", "checkpoint_every", "learning_rate", "learning_rate_later", "clip_coef", "clip_coef_later", "reward_scale",
-                "flow_steps", "samples_per_action", "denoising_steps", "min_std", "buffer_size", "policy_frequency", "policy_lr", "q_lr",
-                "utd_ratio", "stage_weights", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_lr", "decoder_hidden"]
-    non_negative = ["threads", "ent_coef", "ent_coef_later", "vf_coef", "max_grad_norm", "max_grad_norm_later", "alpha", "learning_starts",
-                    "beta", "decoder_steps", "target_clip"]
+    positive = """total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs eval_every num_eval_envs
+        checkpoint_every learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
+        denoising_steps min_std buffer_size policy_frequency policy_lr q_lr utd_ratio stage_weights refine_episodes
+        refine_num_envs decoder_batch_size decoder_lr decoder_hidden""".split()
+    non_negative = """threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
+        decoder_steps target_clip""".split()
     per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
     for name, value in vars(args).items():
-        flag, values = "--" + name.replace("_", "-"), [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        flag = "--" + name.replace("_", "-")
+        values = [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        got = " ".join(map(str, values)) or "nothing"
         if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
             fail(f"{flag} takes one or more values, got nothing")
         if name in positive and not all(v > 0 for v in values):
-            fail(f"{flag} must be positive, got {' '.join(map(str, values))}")
+            fail(f"{flag} must be positive, got {got}")
         if name in non_negative and not all(v >= 0 for v in values):
-            fail(f"{flag} must be non-negative, got {' '.join(map(str, values))}")
+            fail(f"{flag} must be non-negative, got {got}")
         if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
             fail(f"{flag} must be in (0, 1], got {value}")
         if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
-            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {' '.join(map(str, values)) or 'nothing'}")
+            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {got}")
     if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
         fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
     if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
-        if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
-            fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of "
-                 f"--num-envs ({args.num_envs}), so every env contributes whole segments")
-        steps = args.batch_size * args.num_minibatches * args.unroll_length
+        segments, steps = args.batch_size * args.num_minibatches, args.batch_size * args.num_minibatches * args.unroll_length
+        if segments % args.num_envs != 0:
+            fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
+                 f"({args.num_envs}), so every env contributes whole segments")
         if args.total_timesteps < steps:
-            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * "
-                 f"{args.batch_size} segments * {args.unroll_length} steps = {steps})")
-    else:  # SAC
-        steps = args.learning_starts + 1
-        if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
-            fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) "
-                 f"and be at least --num-envs ({args.num_envs})")
-    if hasattr(args, "stage_weights"):  # GoRL: every stage at least one iteration (SAC: more than --learning-starts, it restarts)
+            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} "
+                 f"minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps})")
+    elif args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:  # SAC
+        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts "
+             f"({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
+    if hasattr(args, "stage_weights"):  # GoRL: a refit needs episodes, and every stage its own training
         if args.decoder_steps == 0 and args.decoder_epochs <= 0:
             fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
         if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
-            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env "
-                 f"(--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per "
+                 f"refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+        need, why = (steps, "one iteration") if hasattr(args, "unroll_length") else (args.learning_starts + 1, "SAC restarts")
         smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
-        if smallest < steps:
-            need = "one iteration" if hasattr(args, "unroll_length") else "--learning-starts + 1: every stage restarts SAC"
-            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage "
-                 f"of {smallest} steps; each needs at least {steps} ({need})")
+        if smallest < need:
+            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} "
+                 f"gives a stage of {smallest} steps; each needs at least {need} ({why})")
 
 
 # ---- GoRL ----
@@ -837,7 +867,9 @@ class Agent(nn.Module):
         """Gaussian over the pre-tanh action u; the environment receives tanh(u). The tanh Jacobian cancels in
         the PPO ratio, so log-probabilities are of u."""
         mean, raw_scale = self.actor(x).chunk(2, dim=-1)
-        return Normal(mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0), validate_args=False)  # no per-step checks (and syncs)
+        return Normal(
+            mean, (F.softplus(raw_scale) + 1e-3).clamp(max=10.0), validate_args=False
+        )  # no per-step checks (and syncs)
 
     def entropy(self, dist, tanh_correction=False):
         """The mean entropy of the Gaussian over u. `tanh_correction` (upstream FPO's PPO) adds a one-sample estimate
@@ -947,17 +979,18 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, seed, device):
-    """Runs the stage's encoder (z sampled, not its mean) through the stage's decoder until `num_episodes` episodes
-    have ended. `policy` maps raw observations to (z, pre-tanh action). Returns (obs, action, z, episode id) of the
-    valid steps of ended episodes, the ended episodes' returns, and the env steps taken."""
+def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_episodes, seed, device):
+    """Runs the stage's encoder through the stage's decoder until `num_episodes` episodes have ended; `sample_z` maps
+    raw observations to sampled latents (not the mean). Returns (obs, pre-tanh action, z, episode id) of the valid
+    steps of ended episodes, the ended episodes' returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
     episode, next_episode = np.arange(num_envs), num_envs
     transitions, episode_ids, valids, ended_episodes, returns = [], [], [], [], []
     while len(returns) < num_episodes:
         obs = torch.as_tensor(next_obs, device=device)
-        z, action = policy(obs)
+        z = sample_z(obs)
+        action = decoder(obs, z)
         next_obs, _, terminated, truncated, valid, (ended_returns, _) = envs.step(torch.tanh(action).cpu().numpy())
         transitions.append((obs, action, z))
         episode_ids.append(episode.copy())
@@ -1019,7 +1052,8 @@ def fit_decoder(data, args, device):
         if (step + 1) % validate_every and step + 1 < total_steps:
             continue
         with torch.no_grad():
-            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in range(0, len(val_batch[0]), VAL_ACTIONS)]
+            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
             val_loss = float(torch.cat(chunks).mean())
         train_loss, losses = float(torch.stack(losses).mean()), []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
@@ -1029,17 +1063,6 @@ def fit_decoder(data, args, device):
             best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
     decoder.load_state_dict(best_state)
     return decoder, train_loss, best_val
-
-
-def refinement_policy(agent, obs_rms, decoder):
-    """The policy that collects Phase 2's data: z sampled from the encoder (not its mean) and decoded.
-    Returns (z, pre-tanh action)."""
-
-    def policy(x):
-        z = agent.act(obs_rms(x))[0]
-        return z, decoder(x, z)
-
-    return policy
 
 
 def load_decoder(path, args):
@@ -1070,22 +1093,25 @@ if __name__ == "__main__":
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     check_resources(args, backend)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
-    stage_iterations = [int(args.total_timesteps * w / sum(args.stage_weights)) // steps_per_iteration for w in args.stage_weights]
+    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights]
+    stage_iterations = [steps // steps_per_iteration for steps in stage_steps]
     num_iterations, stage_ends = sum(stage_iterations), list(np.cumsum(stage_iterations))
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
-    checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
-                   save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
-    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps in stages of {stage_iterations}")
+    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps "
+          f"in stages of {stage_iterations}")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1103,14 +1129,16 @@ if __name__ == "__main__":
     if args.decoder_checkpoint is not None:
         decoder.load_state_dict(load_decoder(args.decoder_checkpoint, args))
     decoders, stage, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0
-    best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}  # the stage's best encoder
+    # The stage's best-evaluated encoder, for --refine-from best and --encoder-reset warm / prior-best
+    best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+        seed = args.seed + EVAL_SEED_OFFSET
         policy = eval_policy(agent, obs_rms, decoder)
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        if mean > best["return"]:  # the stage's best encoder, for --refine-from best and --encoder-reset warm / prior-best
+        if mean > best["return"]:
             best["return"] = mean
             best["agent"].load_state_dict(agent.state_dict())
             best["obs_rms"].load_state_dict(obs_rms.state_dict())
@@ -1122,9 +1150,10 @@ if __name__ == "__main__":
     obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
     actions = torch.zeros((U, T, N, action_dim), device=device)
     logprobs = torch.zeros((U, T, N), device=device)
-    rewards, terminations, learnable = np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32), np.zeros((U, T, N), np.float32)
+    rewards, terminations, learnable = (np.zeros((U, T, N), np.float32) for _ in range(3))
 
-    modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder, "best_agent": best["agent"], "best_obs_rms": best["obs_rms"]}
+    modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder}
+    modules.update(best_agent=best["agent"], best_obs_rms=best["obs_rms"])
     iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
     if checkpoint is None:
         eval_return = eval_and_log(0)
@@ -1132,14 +1161,15 @@ if __name__ == "__main__":
         loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, modules)
         iteration, global_step, train_time, eval_return, train_return = (
             loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
-        stage, refine_steps, decoders, best["return"] = loop["stage"], loop["refine_steps"], loop["decoders"], loop["best_return"]
+        stage, refine_steps, decoders, best["return"] = (loop[k] for k in ("stage", "refine_steps", "decoders", "best_return"))
     for iteration in range(iteration + 1, num_iterations + 1):
         iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
         clip_coef, beta = args.clip_coef if stage == 0 else args.clip_coef_later, per_stage(args.beta, stage)
         ent_coef = args.ent_coef if stage == 0 or not args.ent_coef_later else per_stage(args.ent_coef_later, stage - 1)
         max_grad_norm = args.max_grad_norm if stage == 0 or args.max_grad_norm_later is None else args.max_grad_norm_later
-        obs_stats_accumulation, obs_stats_timing = per_stage(args.obs_stats_accumulation, stage), per_stage(args.obs_stats_timing, stage)
+        obs_stats_accumulation = per_stage(args.obs_stats_accumulation, stage)
+        obs_stats_timing = per_stage(args.obs_stats_timing, stage)
         for unroll in range(U):
             for t in range(T):
                 obs[unroll, t] = torch.as_tensor(next_obs, device=device)
@@ -1170,13 +1200,15 @@ if __name__ == "__main__":
                 mb_obs, mb_learnable = b_obs[idx], b_learnable[idx]
                 values = agent.get_value(mb_obs)
                 with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
-                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma, args.gae_lambda)
+                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma,
+                                                        args.gae_lambda)
                     advantages = normalize_advantages(advantages, mb_learnable)
 
                 dist = agent.get_dist(mb_obs[:, :-1])
                 logratio = dist.log_prob(b_actions[idx]).sum(-1) - b_logprobs[idx]
                 ratio = logratio.exp()
-                pg_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+                clipped_ratio = ratio.clamp(1 - clip_coef, 1 + clip_coef)
+                pg_loss = -torch.min(advantages * ratio, advantages * clipped_ratio).mean()
                 v_loss = args.vf_coef * (mb_learnable * (v_targets - values[:, :-1]) ** 2).mean()
                 entropy = agent.entropy(dist, args.tanh_entropy_correction)
                 latent_kl = kl_to_prior(dist, args.kl_form).mean()
@@ -1187,21 +1219,25 @@ if __name__ == "__main__":
                 if max_grad_norm > 0:
                     nn.utils.clip_grad_norm_(agent.parameters(), max_grad_norm)
                 optimizer.step()
-                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/entropy": entropy,
-                              "losses/approx_kl": ((ratio - 1) - logratio).mean(), "losses/clipfrac": ((ratio - 1).abs() > clip_coef).float().mean(),
-                              "losses/explained_variance": explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)})
-                stats[-1].update({"gorl/latent_kl": latent_kl, "gorl/latent_mean": dist.mean.mean(), "gorl/latent_std": dist.scale.mean()})
-        # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fixed normalizer).
+                approx_kl, clipfrac = ((ratio - 1) - logratio).mean(), ((ratio - 1).abs() > clip_coef).float().mean()
+                explained_var = explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)
+                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
+                              "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                              "losses/explained_variance": explained_var})
+                stats[-1].update({"gorl/latent_kl": latent_kl, "gorl/latent_mean": dist.mean.mean(),
+                                  "gorl/latent_std": dist.scale.mean()})
+        # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fix).
         if obs_stats_timing == "rollout_consistent":
             obs_rms.update(obs[:, :T], obs_stats_accumulation == "cumulative")
 
         log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
                                                           f"minibatch {i % args.num_minibatches + 1})"), global_step)
-        train_time += time.time() - iteration_start
-        sps = log_timing(writer, global_step, steps_per_iteration, train_time, envs, rollout_time, time.time() - iteration_start)
+        iteration_time = time.time() - iteration_start
+        train_time += iteration_time
+        sps = log_timing(writer, global_step, steps_per_iteration, train_time, envs, rollout_time, iteration_time)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        log_scalars(writer, {"gorl/stage": stage, "charts/clip_coef": clip_coef, "gorl/beta": beta, "charts/ent_coef": ent_coef,
-                             "charts/max_grad_norm": max_grad_norm}, global_step)
+        log_scalars(writer, {"gorl/stage": stage, "gorl/beta": beta, "charts/clip_coef": clip_coef}, global_step)
+        log_scalars(writer, {"charts/ent_coef": ent_coef, "charts/max_grad_norm": max_grad_norm}, global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration in stage_ends:
             eval_return = eval_and_log(global_step)  # GoRL also evaluates at every stage end
         if iteration in stage_ends[:-1]:
@@ -1209,14 +1245,15 @@ if __name__ == "__main__":
             # decoder, and a new decoder is fit from the fixed prior. These env steps are not in global_step.
             refine_start = time.time()
             from_best = args.refine_from == "best"
-            encoder_return = best["return"] if from_best else eval_return
-            refine_policy = refinement_policy(best["agent"] if from_best else agent, best["obs_rms"] if from_best else obs_rms, decoder)
-            data, refine_returns, steps = collect_refinement_data(refine_policy, args.env_id, backend, args.refine_num_envs, args.refine_episodes,
-                                                                  args.seed + REFINE_SEED_OFFSET + stage, device)
+            encoder, encoder_rms = (best["agent"], best["obs_rms"]) if from_best else (agent, obs_rms)
+            sample_z, seed = (lambda x: encoder.act(encoder_rms(x))[0]), args.seed + REFINE_SEED_OFFSET + stage
+            data, refine_returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend,
+                                                                  args.refine_num_envs, args.refine_episodes, seed, device)
             refine_steps += steps
             decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
             decoders.append(copy.deepcopy(decoder.state_dict()))
-            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_encoder_eval": encoder_return, "gorl/refine_steps": refine_steps,
+            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps,
+                                 "gorl/refine_encoder_eval": best["return"] if from_best else eval_return,
                                  "decoder/train_loss": decoder_train_loss, "decoder/val_loss": decoder_val_loss}, global_step)
             # Stage-wise re-initialization: the next stage's encoder restarts against the new decoder.
             stage += 1
@@ -1232,18 +1269,20 @@ if __name__ == "__main__":
             modules.update(agent=agent, optimizer=optimizer, obs_rms=obs_rms, decoder=decoder)
             best["return"] = -float("inf")
             # The new decoder with the restarted encoder, before any PPO update: what the refit alone gives.
-            policy = eval_policy(agent, obs_rms, decoder)
-            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
+            policy, seed = eval_policy(agent, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
+            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device)[0]
             writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
-            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), decoder "
-                  f"loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
+            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes "
+                  f"(return {refine_returns.mean():.1f}), decoder loss train {decoder_train_loss:.4f} "
+                  f"val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
                   f"({time.time() - refine_start:.0f}s)")
         eta = (num_iterations - iteration) * train_time / iteration
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} "
               f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration in stage_ends:
-            loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return, "train_return": train_return,
-                    "stage": stage, "refine_steps": refine_steps, "decoders": decoders, "best_return": best["return"]}
+            loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
+                    "train_return": train_return, "stage": stage, "refine_steps": refine_steps, "decoders": decoders,
+                    "best_return": best["return"]}
             save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop))
 
     if args.save_model:

@@ -66,14 +66,17 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after every refit"""
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after
+    every refit"""
     resume: Optional[str] = None
-    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and log dir"""
+    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and
+    log dir"""
 
     env_id: str = "Hopper-v5"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
     env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
-    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`: envpool when it has the task"""
+    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`:
+    envpool when it has the task"""
     total_timesteps: int = 4_000_000
     """total environment steps of training (evaluation steps are not counted)"""
     num_envs: int = 1
@@ -106,7 +109,8 @@ class Args:
     """the number of evaluation episodes, one per fresh environment"""
 
     stage_weights: Tuple[float, ...] = (2, 1, 1)
-    """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); one decoder refit between stages"""
+    """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); one decoder refit between
+    stages"""
     beta: float = 1e-3
     """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) in the actor loss (paper Eq. 3)"""
     refine_episodes: int = 100
@@ -114,13 +118,15 @@ class Args:
     refine_num_envs: int = 10
     """the number of parallel environments collecting the refinement episodes"""
     refine_input: Literal["prior", "latent"] = "prior"
-    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the actor's collected z (ablation Sec. 4.3.1)"""
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the actor's collected z
+    (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
     """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
     decoder_steps: int = 0
     """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
     target_clip: float = 3.0
-    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on HopperStand)"""
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on
+    HopperStand)"""
     decoder_batch_size: int = 1024
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4
@@ -148,7 +154,8 @@ def resolve_backend(env_id, backend):
     dmc = dmc_task_ids()
     if env_id not in dmc and env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
-        fail(f"unknown --env-id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "; use a DMC task such as CheetahRun or a Gymnasium id such as Hopper-v5"))
+        hint = f"did you mean {', '.join(close)}?" if close else "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"
+        fail(f"unknown --env-id {env_id!r}; {hint}")
     try:
         import envpool  # noqa: F401
     except ImportError:
@@ -166,7 +173,8 @@ def resolve_backend(env_id, backend):
     if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
         fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
     if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
-        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl (or osmesa), or use envpool")
+        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl "
+             "(or osmesa), or use envpool")
     return backend
 
 
@@ -189,7 +197,9 @@ def render_backend(capture_video):
     probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
     choices = [gl for gl in [os.environ.get("MUJOCO_GL"), "egl", "osmesa"] if gl not in (None, "disable")]
     for gl in dict.fromkeys(choices):
-        probe_run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120)
+        probe_run = subprocess.run(
+            [sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120
+        )
         if probe_run.returncode == 0:
             return gl
     fail(f"--capture-video: no OpenGL backend renders here (tried MUJOCO_GL={', '.join(dict.fromkeys(choices))}); "
@@ -331,7 +341,9 @@ class VecEnv:
                 return make
 
             # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
-            self.envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            self.envs = gym.vector.SyncVectorEnv(
+                [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+            )
             action_space = self.envs.single_action_space
             if env_id in dmc:  # dm_control's own entries, for an EnvPool VecEnv of the same task in this process
                 VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(self.envs.single_observation_space.keys())
@@ -364,7 +376,10 @@ class VecEnv:
     def flatten(obs, keys=None):
         """Dict entries `keys` (default: all, sorted) concatenated into one float32 row per env."""
         if isinstance(obs, dict):
-            obs = np.concatenate([np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)], axis=1)
+            obs = np.concatenate(
+                [np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)],
+                axis=1,
+            )
         return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
 
     def reset(self):
@@ -398,18 +413,22 @@ class VecEnv:
             self.final_obs = obs.copy()
             for i in np.flatnonzero(done):
                 last = info["final_obs"][i]
-                self.final_obs[i] = self.flatten({k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None])[0]
+                self.final_obs[i] = self.flatten(
+                    {k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None]
+                )[0]
         return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
 
     def scale_action(self, action):
         """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
         clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
         action = np.asarray(action, dtype=np.float64)
-        scaled = np.clip(self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high)
+        scaled = np.clip(
+            self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high
+        )
         return np.where(self.action_bounded, scaled, action)
 
     # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
-    episode_model_fields = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos", "site_quat")
+    episode_model_fields = "body_pos body_quat geom_pos geom_quat geom_size geom_rgba site_pos site_quat".split()
 
     def get_state(self):
         """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
@@ -430,7 +449,11 @@ class VecEnv:
             states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
                            "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
                            "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
-        return {"envs": states, "episode_return": torch.from_numpy(self.episode_return), "episode_length": torch.from_numpy(self.episode_length)}
+        return {
+            "envs": states,
+            "episode_return": torch.from_numpy(self.episode_return),
+            "episode_length": torch.from_numpy(self.episode_length),
+        }
 
     def set_state(self, state):
         """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
@@ -565,7 +588,8 @@ def mt19937_state(state):
 def rng_state():
     """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(state):
@@ -591,14 +615,15 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     script = os.path.basename(__file__)
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"checkpoint {path!r} was written by {checkpoint.get('script') if isinstance(checkpoint, dict) else 'something else'}, not by {script}")
+        writer = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
+        fail(f"checkpoint {path!r} was written by {writer}, not by {script}")
     return checkpoint
 
 
 def resumed_args(args, checkpoint):
     """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
     task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
-    may_differ = {"resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+    may_differ = "resume checkpoint_every cuda track wandb_project_name wandb_entity capture_video save_model".split()
     defaults, saved = vars(Args()), checkpoint["args"]
     for name, value in vars(args).items():
         if name not in may_differ and value != defaults[name] and value != saved[name]:
@@ -609,9 +634,10 @@ def resumed_args(args, checkpoint):
 def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
     """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
     the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
-    return {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name, "obs_dim": next_obs.shape[1],
-            "action_dim": envs.action_dim, "envs": envs.get_state(), "next_obs": torch.from_numpy(next_obs), "rng": rng_state(), "loop": loop,
-            **{name: module.state_dict() for name, module in modules.items()}}
+    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name}
+    checkpoint.update(obs_dim=next_obs.shape[1], action_dim=envs.action_dim, envs=envs.get_state(), loop=loop)
+    checkpoint.update(next_obs=torch.from_numpy(next_obs))
+    return {**checkpoint, "rng": rng_state(), **{name: module.state_dict() for name, module in modules.items()}}
 
 
 def restore_checkpoint(checkpoint, envs, next_obs, modules):
@@ -630,10 +656,13 @@ def evaluate_checkpoint(path, capture_video, device, load_policy):
     checkpoint = load_checkpoint(path)
     saved = Args(**checkpoint["args"])
     backend = resolve_backend(saved.env_id, checkpoint["backend"])
-    video_path = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    video_path = (
+        f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
+    )
     policy = load_policy(checkpoint, device)
     mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
+    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} "
+          f"({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
     if video_path is not None:
         print(f"video saved to {video_path}")
 
@@ -672,51 +701,51 @@ def finite_means(stats, where):
 def check_args(args):
     """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
     names; a GoRL script checks its baseline's settings and its own with the same code."""
-    positive = ["total_timesteps", "num_envs", "unroll_length", "batch_size", "num_minibatches", "update_epochs", "eval_every",
-                "num_eval_envs", "checkpoint_every", "learning_rate", "learning_rate_later", "clip_coef", "clip_coef_later", "reward_scale",
-                "flow_steps", "samples_per_action", "denoising_steps", "min_std", "buffer_size", "policy_frequency", "policy_lr", "q_lr",
-                "utd_ratio", "stage_weights", "refine_episodes", "refine_num_envs", "decoder_batch_size", "decoder_lr", "decoder_hidden"]
-    non_negative = ["threads", "ent_coef", "ent_coef_later", "vf_coef", "max_grad_norm", "max_grad_norm_later", "alpha", "learning_starts",
-                    "beta", "decoder_steps", "target_clip"]
+    positive = """total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs eval_every num_eval_envs
+        checkpoint_every learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
+        denoising_steps min_std buffer_size policy_frequency policy_lr q_lr utd_ratio stage_weights refine_episodes
+        refine_num_envs decoder_batch_size decoder_lr decoder_hidden""".split()
+    non_negative = """threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
+        decoder_steps target_clip""".split()
     per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
     for name, value in vars(args).items():
-        flag, values = "--" + name.replace("_", "-"), [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        flag = "--" + name.replace("_", "-")
+        values = [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
+        got = " ".join(map(str, values)) or "nothing"
         if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
             fail(f"{flag} takes one or more values, got nothing")
         if name in positive and not all(v > 0 for v in values):
-            fail(f"{flag} must be positive, got {' '.join(map(str, values))}")
+            fail(f"{flag} must be positive, got {got}")
         if name in non_negative and not all(v >= 0 for v in values):
-            fail(f"{flag} must be non-negative, got {' '.join(map(str, values))}")
+            fail(f"{flag} must be non-negative, got {got}")
         if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
             fail(f"{flag} must be in (0, 1], got {value}")
         if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
-            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {' '.join(map(str, values)) or 'nothing'}")
+            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {got}")
     if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
         fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
     if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
-        if (args.batch_size * args.num_minibatches) % args.num_envs != 0:
-            fail(f"--batch-size * --num-minibatches ({args.batch_size * args.num_minibatches} segments per iteration) must be a multiple of "
-                 f"--num-envs ({args.num_envs}), so every env contributes whole segments")
-        steps = args.batch_size * args.num_minibatches * args.unroll_length
+        segments, steps = args.batch_size * args.num_minibatches, args.batch_size * args.num_minibatches * args.unroll_length
+        if segments % args.num_envs != 0:
+            fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
+                 f"({args.num_envs}), so every env contributes whole segments")
         if args.total_timesteps < steps:
-            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} minibatches * "
-                 f"{args.batch_size} segments * {args.unroll_length} steps = {steps})")
-    else:  # SAC
-        steps = args.learning_starts + 1
-        if args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:
-            fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts ({args.learning_starts}) "
-                 f"and be at least --num-envs ({args.num_envs})")
-    if hasattr(args, "stage_weights"):  # GoRL: every stage at least one iteration (SAC: more than --learning-starts, it restarts)
+            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} "
+                 f"minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps})")
+    elif args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:  # SAC
+        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts "
+             f"({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
+    if hasattr(args, "stage_weights"):  # GoRL: a refit needs episodes, and every stage its own training
         if args.decoder_steps == 0 and args.decoder_epochs <= 0:
             fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
         if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
-            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per refinement env "
-                 f"(--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per "
+                 f"refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
+        need, why = (steps, "one iteration") if hasattr(args, "unroll_length") else (args.learning_starts + 1, "SAC restarts")
         smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
-        if smallest < steps:
-            need = "one iteration" if hasattr(args, "unroll_length") else "--learning-starts + 1: every stage restarts SAC"
-            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} gives a stage "
-                 f"of {smallest} steps; each needs at least {steps} ({need})")
+        if smallest < need:
+            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} "
+                 f"gives a stage of {smallest} steps; each needs at least {need} ({why})")
 
 
 # ---- GoRL ----
@@ -798,12 +827,26 @@ def actor_at_prior(actor):
 
 def make_sac(obs_dim, action_dim, args, device):
     """A fresh actor, two critics and their targets, their optimizers and the entropy coefficient."""
-    actor, qf1, qf2 = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
-    log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device, requires_grad=args.autotune)
+    actor, qf1, qf2 = (
+        Actor(obs_dim, action_dim).to(device),
+        SoftQNetwork(obs_dim, action_dim).to(device),
+        SoftQNetwork(obs_dim, action_dim).to(device),
+    )
+    log_alpha = torch.tensor(
+        0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device, requires_grad=args.autotune
+    )
     return types.SimpleNamespace(
-        actor=actor, qf1=qf1, qf2=qf2, qf1_target=copy.deepcopy(qf1), qf2_target=copy.deepcopy(qf2), log_alpha=log_alpha,
-        target_entropy=-float(action_dim), q_optimizer=torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
-        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr), a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr))
+        actor=actor,
+        qf1=qf1,
+        qf2=qf2,
+        qf1_target=copy.deepcopy(qf1),
+        qf2_target=copy.deepcopy(qf2),
+        log_alpha=log_alpha,
+        target_entropy=-float(action_dim),
+        q_optimizer=torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr),
+        a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr),
+    )
 
 
 class ReplayBuffer:
@@ -834,7 +877,11 @@ class ReplayBuffer:
 
     def state_dict(self):
         """The filled part, for a checkpoint (a full buffer of 1M Hopper transitions is about 110 MB)."""
-        return {"pos": self.pos, "size": self.size, **{k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "rewards", "dones")}}
+        return {
+            "pos": self.pos,
+            "size": self.size,
+            **{k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "rewards", "dones")},
+        }
 
     def load_state_dict(self, state):
         for k in ("obs", "next_obs", "actions", "rewards", "dones"):
@@ -854,7 +901,10 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
     `policy_frequency` updates, then the target update. Returns (critic stats, actor stats or None)."""
     with torch.no_grad():
         next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
-        min_qf_next = torch.min(sac.qf1_target(next_obs, next_actions), sac.qf2_target(next_obs, next_actions)) - sac.log_alpha.exp() * next_log_pi
+        min_qf_next = (
+            torch.min(sac.qf1_target(next_obs, next_actions), sac.qf2_target(next_obs, next_actions))
+            - sac.log_alpha.exp() * next_log_pi
+        )
         next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
     qf1_a_values, qf2_a_values = sac.qf1(obs, actions), sac.qf2(obs, actions)
     qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
@@ -881,7 +931,12 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
                 sac.a_optimizer.zero_grad()
                 alpha_loss.backward()
                 sac.a_optimizer.step()
-            pi_stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss, "losses/entropy": -log_pi.mean()}
+            pi_stats = {
+                "losses/actor_loss": actor_loss,
+                "losses/alpha": alpha,
+                "losses/alpha_loss": alpha_loss,
+                "losses/entropy": -log_pi.mean(),
+            }
             pi_stats["gorl/latent_kl"] = latent_kl
     soft_update(sac.qf1_target, sac.qf1, args.tau)
     soft_update(sac.qf2_target, sac.qf2, args.tau)
@@ -947,17 +1002,18 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def collect_refinement_data(policy, env_id, backend, num_envs, num_episodes, seed, device):
-    """Runs the stage's encoder (z sampled, not its mean) through the stage's decoder until `num_episodes` episodes
-    have ended. `policy` maps raw observations to (z, pre-tanh action). Returns (obs, action, z, episode id) of the
-    valid steps of ended episodes, the ended episodes' returns, and the env steps taken."""
+def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_episodes, seed, device):
+    """Runs the stage's encoder through the stage's decoder until `num_episodes` episodes have ended; `sample_z` maps
+    raw observations to sampled latents (not the mean). Returns (obs, pre-tanh action, z, episode id) of the valid
+    steps of ended episodes, the ended episodes' returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
     episode, next_episode = np.arange(num_envs), num_envs
     transitions, episode_ids, valids, ended_episodes, returns = [], [], [], [], []
     while len(returns) < num_episodes:
         obs = torch.as_tensor(next_obs, device=device)
-        z, action = policy(obs)
+        z = sample_z(obs)
+        action = decoder(obs, z)
         next_obs, _, terminated, truncated, valid, (ended_returns, _) = envs.step(torch.tanh(action).cpu().numpy())
         transitions.append((obs, action, z))
         episode_ids.append(episode.copy())
@@ -1019,7 +1075,8 @@ def fit_decoder(data, args, device):
         if (step + 1) % validate_every and step + 1 < total_steps:
             continue
         with torch.no_grad():
-            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in range(0, len(val_batch[0]), VAL_ACTIONS)]
+            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
             val_loss = float(torch.cat(chunks).mean())
         train_loss, losses = float(torch.stack(losses).mean()), []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
@@ -1029,17 +1086,6 @@ def fit_decoder(data, args, device):
             best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
     decoder.load_state_dict(best_state)
     return decoder, train_loss, best_val
-
-
-def refinement_policy(actor, obs_rms, decoder):
-    """The policy that collects Phase 2's data: z sampled from the actor (not its mean) and decoded.
-    Returns (z, pre-tanh action)."""
-
-    def policy(x):
-        z = actor.get_action(obs_rms(x))[0]
-        return z, decoder(x, z)
-
-    return policy
 
 
 if __name__ == "__main__":
@@ -1060,23 +1106,25 @@ if __name__ == "__main__":
     check_args(args)
     backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
     check_resources(args, backend)
-    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // args.num_envs * args.num_envs for w in args.stage_weights]
-    num_steps, stage_ends = sum(stage_steps) // args.num_envs, list(np.cumsum(stage_steps) // args.num_envs)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}" if checkpoint is None else checkpoint["run_name"]
-    checkpoint_every, checkpoint_path = args.checkpoint_every or max(args.total_timesteps // 10, 1), f"runs/{run_name}/checkpoint.pt"
+    N = args.num_envs
+    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // N * N for w in args.stage_weights]
+    num_steps, stage_ends = sum(stage_steps) // N, list(np.cumsum(stage_steps) // N)
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
-                   save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
     # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["loop"]["global_step"] + 1)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("backend", backend)
-    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, {args.utd_ratio * args.num_envs:g} updates per step, "
-          f"stages of {stage_steps} steps")
+    print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
+          f"{args.utd_ratio * args.num_envs:g} updates per step, stages of {stage_steps} steps")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1094,8 +1142,9 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+        seed = args.seed + EVAL_SEED_OFFSET
         policy = eval_policy(sac.actor, obs_rms, decoder)
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device, video_path)
+        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
@@ -1104,8 +1153,9 @@ if __name__ == "__main__":
 
     def run_modules():
         """The networks, optimizers, normalizer and replay buffer a checkpoint holds (SAC's log-alpha is in `loop`)."""
-        return {"actor": sac.actor, "qf1": sac.qf1, "qf2": sac.qf2, "qf1_target": sac.qf1_target, "qf2_target": sac.qf2_target, "q_optimizer": sac.q_optimizer,
-                "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer, "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
+        return {"actor": sac.actor, "qf1": sac.qf1, "qf2": sac.qf2, "qf1_target": sac.qf1_target, "qf2_target": sac.qf2_target,
+                "q_optimizer": sac.q_optimizer, "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
+                "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
 
     step, global_step, updates, train_time, eval_return, train_return = 0, 0, 0, 0.0, float("nan"), float("nan")
     next_eval, next_checkpoint, q_stats, pi_stats = args.eval_every, checkpoint_every, [], []
@@ -1113,11 +1163,11 @@ if __name__ == "__main__":
         eval_return = eval_and_log(0)
     else:
         loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, run_modules())
-        step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (
-            loop[k] for k in ("step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
+        step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (loop[k] for k in (
+            "step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
-        stage, stage_start, refine_steps, decoders = loop["stage"], loop["stage_start"], loop["refine_steps"], loop["decoders"]
+        stage, stage_start, refine_steps, decoders = (loop[k] for k in ("stage", "stage_start", "refine_steps", "decoders"))
     torch.set_num_threads(update_threads)  # the updates dominate; one env step between them
     step_start = time.time()
     for step in range(step + 1, num_steps + 1):
@@ -1138,7 +1188,9 @@ if __name__ == "__main__":
             obs_rms.update(obs[torch.as_tensor(valid, device=device)])
 
         if global_step - stage_start >= args.learning_starts:
-            for _ in range(int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)):  # utd_ratio * N on average
+            # utd_ratio * N updates on average (a fractional ratio rounds per step)
+            num_updates = int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)
+            for _ in range(num_updates):
                 b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
                 q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
                 updates += 1
@@ -1150,8 +1202,8 @@ if __name__ == "__main__":
             train_time += time.time() - step_start
             for stats in (q_stats, pi_stats):
                 if stats:
-                    log_scalars(writer, finite_means(stats, lambda i: f"in the {len(q_stats)} updates before global_step {global_step}"),
-                                global_step)
+                    where = f"in the {len(q_stats)} updates before global_step {global_step}"
+                    log_scalars(writer, finite_means(stats, lambda i: where), global_step)
             q_stats, pi_stats = [], []
             writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
             writer.add_scalar("gorl/stage", stage, global_step)
@@ -1159,38 +1211,41 @@ if __name__ == "__main__":
                 eval_return = eval_and_log(global_step)
                 next_eval = (global_step // args.eval_every + 1) * args.eval_every
                 eta = (num_steps - step) * train_time / step
-                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} train_return={train_return:.1f} "
-                      f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} "
+                      f"train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
             step_start = time.time()
         if step in stage_ends[:-1]:
             # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
             # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
             refine_start = time.time()
-            data, refine_returns, steps = collect_refinement_data(refinement_policy(sac.actor, obs_rms, decoder), args.env_id, backend,
-                                                                  args.refine_num_envs, args.refine_episodes, args.seed + REFINE_SEED_OFFSET + stage, device)
+            sample_z, seed = (lambda x: sac.actor.get_action(obs_rms(x))[0]), args.seed + REFINE_SEED_OFFSET + stage
+            data, refine_returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend,
+                                                                  args.refine_num_envs, args.refine_episodes, seed, device)
             refine_steps += steps
             decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
             decoder.requires_grad_(False)
             decoders.append(copy.deepcopy(decoder.state_dict()))
-            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps, "decoder/train_loss": decoder_train_loss,
-                                 "decoder/val_loss": decoder_val_loss}, global_step)
+            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps,
+                                 "decoder/train_loss": decoder_train_loss, "decoder/val_loss": decoder_val_loss}, global_step)
             # Stage-wise re-initialization: actor, critics and buffer restart, since a z stored under the old
             # decoder now means a different action.
             stage, stage_start = stage + 1, global_step
             sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
             actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
             # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
-            policy = eval_policy(sac.actor, obs_rms, decoder)
-            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
+            policy, seed = eval_policy(sac.actor, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
+            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device)[0]
             writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
-            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes (return {refine_returns.mean():.1f}), decoder "
-                  f"loss train {decoder_train_loss:.4f} val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
+            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes "
+                  f"(return {refine_returns.mean():.1f}), decoder loss train {decoder_train_loss:.4f} "
+                  f"val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
                   f"({time.time() - refine_start:.0f}s)")
             step_start = time.time()  # the refit is not training time
         if log_point and (global_step >= next_checkpoint or step in stage_ends):
             next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
-            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time, "eval_return": eval_return,
-                    "train_return": train_return, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
+            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time,
+                    "eval_return": eval_return, "train_return": train_return, "next_eval": next_eval,
+                    "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
                     "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps, "decoders": decoders}
             save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
             step_start = time.time()  # writing the checkpoint is not training time
