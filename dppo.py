@@ -22,7 +22,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
@@ -372,7 +371,7 @@ class VecEnv:
         self.step_time += time.time() - start
         # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
         # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
-        # TimeLimit reports both flags there, and the loops' masks keep such a step a termination. DMC tasks never
+        # TimeLimit reports both flags there, and the loops' `learnable` masks keep such a step a termination. DMC tasks never
         # terminate: both backends truncate them at step 1000.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
         reward = np.asarray(reward, dtype=np.float32) * valid
@@ -709,7 +708,7 @@ def finite_means(stats, where):
     names = list(stats[0])
     with torch.no_grad():
         values = torch.stack([torch.stack([entry[name] for name in names]) for entry in stats]).cpu()
-    bad = ~torch.isfinite(values[:, ["loss" in name for name in names]]).all(1)
+    bad = ~torch.isfinite(values[:, [name.endswith("loss") for name in names]]).all(1)
     if bad.any():
         print(f"error: non-finite loss {where(int(bad.nonzero()[0]))}; stopping", file=sys.stderr)
         sys.exit(1)

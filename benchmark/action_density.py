@@ -17,8 +17,15 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = {"ppo_gaussian.py": "PPO", "fpo.py": "FPO", "dppo.py": "DPPO", "gorl_ppo_diff.py": "GoRL-Diff", "gorl_ppo_fm.py": "GoRL-FM",
-         "sac_gaussian.py": "SAC", "gorl_sac_diff.py": "GoRL-SAC-Diff"}
+NAMES = {
+    "ppo_gaussian.py": "PPO",
+    "fpo.py": "FPO",
+    "dppo.py": "DPPO",
+    "gorl_ppo_diff.py": "GoRL-Diff",
+    "gorl_ppo_fm.py": "GoRL-FM",
+    "sac_gaussian.py": "SAC",
+    "gorl_sac_diff.py": "GoRL-SAC-Diff",
+}
 
 
 def load_script(name):

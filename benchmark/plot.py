@@ -27,7 +27,11 @@ def load_runs(runs, benchmark_only=False):
     newest = {}
     for run_dir in glob.glob(os.path.join(runs, "*__*__*__*")):
         parts = os.path.basename(run_dir).split("__")
-        if len(parts) != 4 or not parts[2].lstrip("-").isdigit() or (benchmark_only and not os.path.exists(os.path.join(run_dir, "benchmark.json"))):
+        if (
+            len(parts) != 4
+            or not parts[2].lstrip("-").isdigit()
+            or (benchmark_only and not os.path.exists(os.path.join(run_dir, "benchmark.json")))
+        ):
             continue
         key = (parts[0], parts[1], int(parts[2]))
         if key not in newest or os.path.getmtime(run_dir) > os.path.getmtime(newest[key]):

@@ -19,7 +19,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["ppo_gaussian", "gorl_ppo_fm", "gorl_ppo_diff", "fpo", "dppo", "sac_gaussian", "gorl_sac_diff"]
 # CPU-sized settings (README "Running"): 16 envs, 16 x 8 segments, 8 epochs, lr 1e-3, gamma 0.99, each algorithm's own
 # clip; GoRL with 32-episode refits and decoder batch 1024. SAC: 8 envs and a small update-to-data ratio.
-PPO_CPU = ["--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8", "--learning-rate", "1e-3", "--gamma", "0.99"]
+PPO_CPU = [
+    "--num-envs",
+    "16",
+    "--batch-size",
+    "16",
+    "--num-minibatches",
+    "8",
+    "--update-epochs",
+    "8",
+    "--learning-rate",
+    "1e-3",
+    "--gamma",
+    "0.99",
+]
 GORL_CPU = ["--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--stage-weights", "2", "1", "1",
             "--refine-episodes", "32", "--refine-num-envs", "16", "--decoder-batch-size", "1024"]
 SAC_CPU = ["--num-envs", "8", "--learning-starts", "5000"]
@@ -35,8 +48,23 @@ FLAGS = {
 
 
 def command(script, task, seed, args):
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", task, "--seed", str(seed), "--total-timesteps", str(args.total_timesteps),
-           "--eval-every", str(args.total_timesteps // args.evals), "--num-eval-envs", str(args.num_eval_envs), "--env-backend", args.env_backend, *FLAGS[script]]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--env-id",
+        task,
+        "--seed",
+        str(seed),
+        "--total-timesteps",
+        str(args.total_timesteps),
+        "--eval-every",
+        str(args.total_timesteps // args.evals),
+        "--num-eval-envs",
+        str(args.num_eval_envs),
+        "--env-backend",
+        args.env_backend,
+        *FLAGS[script],
+    ]
     if "sac" in script:
         cmd += ["--utd-ratio", str(args.utd_ratio)]
     return cmd + args.extra
@@ -66,7 +94,9 @@ def main():
     p.add_argument("--total-timesteps", type=int, default=300_000, help="the shared budget of env steps per run")
     p.add_argument("--evals", type=int, default=6, help="evaluations per run besides the one at step 0")
     p.add_argument("--num-eval-envs", type=int, default=16)
-    p.add_argument("--utd-ratio", type=float, default=0.1, help="SAC's gradient steps per env step (the paper's 20 is ~200x the CPU cost)")
+    p.add_argument(
+        "--utd-ratio", type=float, default=0.1, help="SAC's gradient steps per env step (the paper's 20 is ~200x the CPU cost)"
+    )
     p.add_argument("--env-backend", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--runs", default=os.path.join(os.getcwd(), "runs"), help="where the scripts write (their cwd's runs/)")
@@ -93,7 +123,17 @@ def main():
         while todo and len(running) < args.jobs:
             script, task, seed, cmd = todo.pop(0)
             log = open(os.path.join(cwd, f".benchmark_{task}__{script}__{seed}.log"), "w")
-            running.append((subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT), log, script, task, seed, cmd, time.time()))
+            running.append(
+                (
+                    subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                    log,
+                    script,
+                    task,
+                    seed,
+                    cmd,
+                    time.time(),
+                )
+            )
         time.sleep(1)
         for job in [j for j in running if j[0].poll() is not None]:
             proc, log, script, task, seed, cmd, job_start = job
@@ -103,7 +143,8 @@ def main():
             seconds = time.time() - job_start
             if proc.returncode != 0:
                 failed += 1
-                print(f"[{skipped + done}/{len(grid)}] {script} {task} seed {seed}: FAILED (exit {proc.returncode}), see {log.name}", flush=True)
+                print(f"[{skipped + done}/{len(grid)}] {script} {task} seed {seed}: FAILED (exit {proc.returncode}), "
+                      f"see {log.name}", flush=True)
                 continue
             run_dir = max(glob.glob(os.path.join(args.runs, f"{task}__{script}__{seed}__*")), key=os.path.getmtime)
             result = final_eval(run_dir)
@@ -112,7 +153,8 @@ def main():
             os.remove(log.name)
             left = len(todo) + len(running)
             eta = (time.time() - start) / done * left
-            print(f"[{skipped + done}/{len(grid)}] {script} {task} seed {seed}: eval {result:.1f} in {seconds:.0f} s; {left} left, about {eta / 60:.0f} min", flush=True)
+            print(f"[{skipped + done}/{len(grid)}] {script} {task} seed {seed}: eval {result:.1f} in {seconds:.0f} s; "
+                  f"{left} left, about {eta / 60:.0f} min", flush=True)
     sys.exit(1 if failed else 0)
 
 

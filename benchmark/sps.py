@@ -50,9 +50,30 @@ def script_sps(script, args):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", args.env_id, "--env-backend", args.backend, "--num-envs", str(args.num_envs),
-           "--unroll-length", str(args.unroll_length), "--batch-size", str(args.batch_size), "--num-minibatches", str(args.num_minibatches),
-           "--update-epochs", str(args.update_epochs), "--total-timesteps", str(args.iterations * steps_per_iteration), "--eval-every", str(10**12), "--num-eval-envs", "1"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--env-id",
+        args.env_id,
+        "--env-backend",
+        args.backend,
+        "--num-envs",
+        str(args.num_envs),
+        "--unroll-length",
+        str(args.unroll_length),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-minibatches",
+        str(args.num_minibatches),
+        "--update-epochs",
+        str(args.update_epochs),
+        "--total-timesteps",
+        str(args.iterations * steps_per_iteration),
+        "--eval-every",
+        str(10**12),
+        "--num-eval-envs",
+        "1",
+    ]
     if script.startswith("gorl"):
         cmd += ["--stage-weights", "1"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +84,9 @@ def script_sps(script, args):
         acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         acc.Reload()
         tags = ["perf/rollout_SPS", "perf/env_share", "perf/inference_share", "perf/update_share", "charts/SPS"]
-        return {tag: float(np.mean([e.value for e in acc.Scalars(tag)][1:] or [e.value for e in acc.Scalars(tag)])) for tag in tags}
+        return {
+            tag: float(np.mean([e.value for e in acc.Scalars(tag)][1:] or [e.value for e in acc.Scalars(tag)])) for tag in tags
+        }
 
 
 def main():
@@ -86,8 +109,11 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for script in args.scripts:
         r = script_sps(script, args)
-        print(f"| `{script}.py` | {r['perf/rollout_SPS']:,.0f} | {r['perf/rollout_SPS'] / bare:.2f} | {r['charts/SPS']:,.0f} | "
-              f"{r['perf/env_share']:.2f} | {r['perf/inference_share']:.2f} | {r['perf/update_share']:.2f} |", flush=True)
+        print(
+            f"| `{script}.py` | {r['perf/rollout_SPS']:,.0f} | {r['perf/rollout_SPS'] / bare:.2f} | {r['charts/SPS']:,.0f} | "
+            f"{r['perf/env_share']:.2f} | {r['perf/inference_share']:.2f} | {r['perf/update_share']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

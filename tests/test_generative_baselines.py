@@ -136,11 +136,11 @@ def test_end_to_end_saves_and_reloads(tmp_path, name, backend):
 
 
 @pytest.mark.parametrize("name,args,message", [
-    ("fpo.py", ["--flow-steps", "0"], "--flow-steps and --samples-per-action must be positive"),
-    ("fpo.py", ["--samples-per-action", "0"], "--flow-steps and --samples-per-action must be positive"),
+    ("fpo.py", ["--flow-steps", "0"], "--flow-steps must be positive"),
+    ("fpo.py", ["--samples-per-action", "0"], "--samples-per-action must be positive"),
     ("fpo.py", ["--clip-coef", "-0.05"], "--clip-coef must be positive"),
-    ("dppo.py", ["--denoising-steps", "0"], "--denoising-steps and --min-std must be positive"),
-    ("dppo.py", ["--min-std", "-0.1"], "--denoising-steps and --min-std must be positive"),
+    ("dppo.py", ["--denoising-steps", "0"], "--denoising-steps must be positive"),
+    ("dppo.py", ["--min-std", "-0.1"], "--min-std must be positive"),
     ("dppo.py", ["--env-id", "CheetaRun"], "did you mean CheetahRun"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, name, args, message):

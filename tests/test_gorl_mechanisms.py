@@ -165,15 +165,15 @@ def test_collection_keeps_the_valid_steps_of_finished_episodes_only(name):
     m = MODULES[name]
     backend = "envpool" if "envpool" in m.resolve_backend("CartpoleBalance", "auto") else "dm_control"
     # CartpoleBalance: every episode is exactly 1000 steps; on EnvPool each is followed by a reset step (invalid).
-    policy = lambda x: (torch.zeros(len(x), 1), torch.zeros(len(x), 1))  # noqa: E731
-    (obs, action, z, episode_id), returns, steps = m.collect_refinement_data(policy, "CartpoleBalance", backend, 3, 4, 0, torch.device("cpu"))
+    sample_z, decoder = (lambda x: torch.zeros(len(x), 1)), (lambda x, z: z)
+    (obs, action, z, episode_id), returns, steps = m.collect_refinement_data(sample_z, decoder, "CartpoleBalance", backend, 3, 4, 0, "cpu")
     assert len(returns) == 6  # 3 envs end together, twice
     ids, counts = episode_id.unique(return_counts=True)
     assert len(ids) == 6 and (counts == 1000).all(), counts
     assert steps == 3 * (2001 if backend == "envpool" else 2000)
     # Hopper-v5 ends episodes at different times: the ones still running when collection stops are dropped.
-    policy = lambda x: (torch.zeros(len(x), 3), torch.full((len(x), 3), 0.5))  # noqa: E731
-    (obs, action, z, episode_id), returns, steps = m.collect_refinement_data(policy, "Hopper-v5", "dm_control", 4, 9, 0, torch.device("cpu"))
+    sample_z, decoder = (lambda x: torch.zeros(len(x), 3)), (lambda x, z: z + 0.5)
+    (obs, action, z, episode_id), returns, steps = m.collect_refinement_data(sample_z, decoder, "Hopper-v5", "dm_control", 4, 9, 0, "cpu")
     assert len(episode_id.unique()) == len(returns) >= 9
     assert len(obs) < steps  # the unfinished episodes' steps are not kept
 

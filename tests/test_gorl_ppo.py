@@ -117,13 +117,13 @@ def test_refit_from_the_prior_learns_a_bimodal_action_distribution(decoder_scrip
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args,message", [
     (["--beta", "-0.1"], "--beta must be non-negative"),
-    (["--beta", "1e-3", "1e-3", "--stage-weights", "1", "1", "1"], "one value or one per stage"),
-    (["--stage-weights", "1", "0"], "--stage-weights must be one or more positive"),
-    (["--stage-weights", "-1"], "--stage-weights must be one or more positive"),
-    (["--stage-weights", "100", "1", *TINY, "--total-timesteps", "12800"], "gives a stage less than one iteration"),
+    (["--beta", "1e-3", "1e-3", "1e-3", "--stage-weights", "1", "1"], "one value or one per stage"),
+    (["--stage-weights", "1", "0"], "--stage-weights must be positive"),
+    (["--stage-weights", "-1"], "--stage-weights must be positive"),
+    (["--stage-weights", "100", "1", *TINY, "--total-timesteps", "12800"], "gives a stage of"),
     (["--refine-episodes", "8", "--refine-num-envs", "64"], "smaller than the refit batch"),
     (["--decoder-epochs", "0"], "--decoder-epochs must be positive"),
-    (["--decoder-steps", "-5"], "--decoder-steps non-negative"),
+    (["--decoder-steps", "-5"], "--decoder-steps must be non-negative"),
     (["--target-clip", "-1"], "--target-clip must be non-negative"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, script, args, message):

@@ -232,7 +232,7 @@ def test_segments_are_consecutive_steps_of_one_env(tmp_path, monkeypatch, name):
     assert (tick == tick[:, :1] + torch.arange(T + 1)).all(), f"a segment's steps are not consecutive: {tick.tolist()}"
     assert sorted(zip(env[:, 0].tolist(), tick[:, 0].tolist())) == sorted((n, u * T) for n in range(N) for u in range(U))
     torch.testing.assert_close(g["b_rewards"], 10.0 * (100 * env[:, :-1] + tick[:, :-1]), rtol=0, atol=0)  # --reward-scale 10
-    torch.testing.assert_close(g["b_masks"], ((tick[:, :-1] + 1) % 5 != 0).float(), rtol=0, atol=0)  # truncation steps masked
+    torch.testing.assert_close(g["b_learnable"], ((tick[:, :-1] + 1) % 5 != 0).float(), rtol=0, atol=0)  # truncation steps masked
     with torch.no_grad():
         sent = ENV_ACTION[name](g, b_obs[:, :-1], g["b_actions"])
     received = torch.as_tensor(np.stack([[train_envs.received[int(e), int(k)] for e, k in zip(es, ks)] for es, ks in zip(env[:, :-1], tick[:, :-1])]))
@@ -262,11 +262,16 @@ MAY_DIFFER = {  # name -> the scripts whose version is their own by design; all 
     "Agent": {"fpo.py", "dppo.py"},  # flow and diffusion policies; PPO and both GoRL PPOs share the Gaussian agent
     "Decoder": {"gorl_ppo_fm.py"},  # flow-matching decoder; the two diffusion decoders must agree
     "sac_update": {"gorl_sac_diff.py"},  # adds GoRL's KL-to-prior term to SAC's actor loss
+    # each script's evaluation policy and its loader for --eval-checkpoint; the two GoRL PPO scripts' must agree
+    "eval_policy": {"ppo_gaussian.py", "fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"},
+    "load_policy": {"ppo_gaussian.py", "fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"},
 }
 SKELETON = {  # names every script of the group must have, so the comparison below cannot pass vacuously
     "fail": ALL_SCRIPTS, "dmc_task_ids": ALL_SCRIPTS, "resolve_backend": ALL_SCRIPTS, "VecEnv": ALL_SCRIPTS, "RunningMeanStd": ALL_SCRIPTS,
     "layer_init": ALL_SCRIPTS, "mlp": ALL_SCRIPTS, "evaluate": ALL_SCRIPTS, "load_checkpoint": ALL_SCRIPTS,
-    "compute_gae": PPO_FAMILY, "check_args": PPO_FAMILY, "Agent": PPO_FAMILY,
+    "compute_gae": PPO_FAMILY, "to_segments": PPO_FAMILY, "normalize_advantages": PPO_FAMILY, "explained_variance": PPO_FAMILY,
+    "log_timing": PPO_FAMILY, "Agent": PPO_FAMILY, "check_args": ALL_SCRIPTS, "evaluate_checkpoint": ALL_SCRIPTS, "crossed": ALL_SCRIPTS,
+    "log_scalars": ALL_SCRIPTS, "log_episodes": ALL_SCRIPTS, "finite_means": ALL_SCRIPTS,
 }
 
 

@@ -137,7 +137,7 @@ def test_entropy_coefficient_moves_toward_the_target_entropy(script, log_std, di
     sac.actor = actor_with_log_std(m, 2, log_std)
     sac.actor_optimizer = torch.optim.Adam(sac.actor.parameters(), lr=0.0)  # keep the policy as set
     _, pi_stats = m.sac_update(sac, *batch(), args, update=0)
-    entropy = float(pi_stats[3])
+    entropy = float(pi_stats["losses/entropy"])
     assert (entropy > sac.target_entropy) == (direction < 0)
     assert np.sign(float(sac.log_alpha.detach())) == direction  # log alpha starts at 0 (alpha 1)
 
@@ -211,7 +211,7 @@ def test_actor_and_critic_losses_send_no_gradient_to_the_decoder():
     assert env_action.shape == z.shape
     _, _, reward, next_obs, done = batch()
     q_stats, pi_stats = gorl_m.sac_update(sac, obs, z, reward, next_obs, done, args, update=0)
-    assert pi_stats is not None and float(pi_stats[4]) > 0  # the KL term was part of the actor loss
+    assert pi_stats is not None and float(pi_stats["gorl/latent_kl"]) > 0  # the KL term was part of the actor loss
     assert all(p.grad is None for p in decoder.parameters())
     assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())
     assert all(p.grad is not None for p in sac.actor.parameters()) and all(p.grad is not None for p in sac.qf1.parameters())
@@ -235,7 +235,7 @@ def test_kl_term_pulls_the_latent_policy_to_the_prior():
     (["--env-id", "Hoper-v5"], "unknown --env-id 'Hoper-v5'; did you mean Hopper-v5"),
     (["--utd-ratio", "0"], "--utd-ratio must be positive"),
     (["--tau", "0"], "--tau must be in (0, 1]"),
-    (["--alpha", "-1"], "--alpha and --learning-starts must be non-negative"),
+    (["--alpha", "-1"], "--alpha must be non-negative"),
     (["--q-lr", "-1e-3"], "--q-lr must be positive"),
     (["--total-timesteps", "5000"], "leaves no learning"),
 ])
@@ -249,8 +249,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, script,
 
 @pytest.mark.parametrize("args,message", [
     (["--beta", "-0.1"], "--beta must be non-negative"),
-    (["--stage-weights", "1", "0"], "--stage-weights must be one or more positive"),
-    (["--total-timesteps", "12000"], "gives a stage of 3000 steps, not more than --learning-starts 5000"),
+    (["--stage-weights", "1", "0"], "--stage-weights must be positive"),
+    (["--total-timesteps", "12000"], "gives a stage of 3000 steps; each needs at least 5001"),
     (["--refine-episodes", "4"], "smaller than the refit batch"),
 ])
 def test_gorl_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
