@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
+from conftest import E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 fpo = load_script("fpo.py")
 dppo = load_script("dppo.py")

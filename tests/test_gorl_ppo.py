@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
+from conftest import E2E_BACKENDS, load_script, only_run_dir, read_scalars, run_inprocess, run_script
 
 SCRIPTS = ["gorl_ppo_fm.py", "gorl_ppo_diff.py"]
 DECODER_SCRIPTS = SCRIPTS + ["gorl_sac_diff.py"]  # GoRL-SAC carries the diffusion decoder and refit line for line
