@@ -82,3 +82,11 @@ def test_no_references_outside_the_repository():
 def test_diff_against_the_baseline_stays_within_budget(pair):
     n = changed_lines(*pair)
     assert n <= DIFF_BUDGETS[pair], f"diff {pair[0]} {pair[1]}: {n} changed lines, budget {DIFF_BUDGETS[pair]}"
+
+
+def test_readme_shows_the_current_diff_sizes_and_budgets():
+    rows = dict(((a, b), (int(n), int(budget))) for a, b, n, budget in
+                re.findall(r"^\| `(\S+) (\S+)` \| (\d+) \| (\d+) \|$", read("README.md"), re.M))
+    assert set(rows) == set(DIFF_BUDGETS), rows
+    for pair, (n, budget) in rows.items():
+        assert (n, budget) == (changed_lines(*pair), DIFF_BUDGETS[pair]), f"README's diff table is stale for {pair}"
