@@ -389,6 +389,7 @@ class VecEnv:
         low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
         self.action_bounded = (np.abs(low) < 1e6) & (np.abs(high) < 1e6) & (low < high)
         self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
+        self.action_identity = bool(np.all(self.action_low == -1.0) and np.all(self.action_high == 1.0))
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.step_time = 0.0  # seconds spent inside the backend's step, for the perf/ shares
@@ -456,6 +457,8 @@ class VecEnv:
         """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
         clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
         action = np.asarray(action, dtype=np.float64)
+        if self.action_identity:  # every DMC task: bounds [-1, 1], nothing to map
+            return action
         scaled = np.clip(
             self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high
         )
@@ -539,6 +542,10 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        # What forward applies, float32 x * scale + shift (one fused op per call), refreshed whenever the statistics change.
+        self.register_buffer("scale", torch.ones(shape), persistent=False)
+        self.register_buffer("shift", torch.zeros(shape), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
 
     @torch.no_grad()
     def update(self, x, accumulate=True):
@@ -553,10 +560,17 @@ class RunningMeanStd(nn.Module):
         self.mean.add_(delta * n / total)
         self.var.copy_(m2 / total)
         self.count.copy_(total)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self):
+        std = self.var.sqrt().clamp(1e-6, 1e6)
+        self.scale.copy_(1 / std)
+        self.shift.copy_(-self.mean / std)
 
     def forward(self, x):
-        std = self.var.sqrt().clamp(1e-6, 1e6)
-        return ((x - self.mean) / std).float()
+        """(x - mean) / std."""
+        return torch.addcmul(self.shift, x, self.scale)
 
 
 def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):

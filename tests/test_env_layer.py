@@ -67,7 +67,11 @@ def test_every_dmc_task_steps_to_its_time_limit(env_id, capsys):
         rng = np.random.default_rng(0)
         actions = rng.uniform(-1, 1, (1000, 1, envs.action_dim)).astype(np.float32)
         extremes = np.stack([-np.ones(envs.action_dim), np.ones(envs.action_dim), np.zeros(envs.action_dim)])
-        mapped = envs.scale_action(np.concatenate([extremes, actions[:16, 0]]))
+        inputs = np.concatenate([extremes, actions[:16, 0]])
+        mapped = envs.scale_action(inputs)
+        low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
+        np.testing.assert_allclose(mapped, np.where(envs.action_bounded, low + 0.5 * (inputs + 1) * (high - low), inputs), atol=1e-12)
+        assert envs.action_identity == ((low == -1).all() and (high == 1).all()), backend  # the fast path only on [-1, 1]
         assert np.isfinite(mapped).all() and (mapped >= action_space.low).all() and (mapped <= action_space.high).all(), (backend, mapped)
         assert envs.max_episode_steps == 1000
         layouts[backend] = layout(envs)

@@ -86,6 +86,22 @@ def test_normalizer_is_identity_before_any_data_and_saved_with_model():
     assert set(rms.state_dict()) == {"mean", "var", "count"}
 
 
+def test_normalizer_affine_map_follows_updates_loads_and_copies():
+    """forward applies cached float32 scale and shift: they must follow update, load_state_dict and deepcopy."""
+    import copy
+
+    a, b, x = pg.RunningMeanStd(3), pg.RunningMeanStd(3), torch.randn(8, 3)
+    a.update(torch.randn(100, 3) * torch.tensor([5.0, 0.1, 50.0]) + 2)
+    expected = ((x.double() - a.mean) / a.var.sqrt()).float()
+    torch.testing.assert_close(a(x), expected)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), expected)
+    c = copy.deepcopy(a)
+    a.update(torch.randn(100, 3) + 40)
+    torch.testing.assert_close(c(x), expected)
+    torch.testing.assert_close(a(x), ((x.double() - a.mean) / a.var.sqrt()).float())
+
+
 def test_gaussian_head_scale_bounds_and_logprob_of_pre_tanh_sample():
     agent = pg.Agent(5, 3)
     with torch.no_grad():
