@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import has_envpool, load_script, run_inprocess, run_script
+from conftest import has_envpool, load_script, run_script
 
 TINY = ["--env-id", "InvertedPendulum-v5", "--num-envs", "4", "--batch-size", "4", "--num-minibatches", "1", "--unroll-length", "8",
         "--update-epochs", "1", "--total-timesteps", "32", "--eval-every", "64", "--num-eval-envs", "2"]
@@ -47,12 +47,14 @@ def test_dm_control_with_many_envs_says_it_will_be_slow(ppo, capsys, monkeypatch
     assert "env steps/s measured here" in out and "pip install envpool==1.2.5" in out
 
 
-def test_a_run_that_cannot_fit_in_memory_stops_with_one_line(tmp_path, capsys, monkeypatch):
-    # A 300 MB machine: HopperStand's envs take about 12 MB each, so 64 + 2 cannot fit, and 16 of them can.
+def test_a_run_that_cannot_fit_in_memory_stops_with_one_line(tmp_path, monkeypatch):
+    # A 300 MB machine: HopperStand's envs take about 12 MB each, so 64 + 2 cannot fit, and 16 of them can. A fresh
+    # process: in a test worker that already freed memory, new envs reuse it and the resident-memory probe reads ~0.
     monkeypatch.setenv("GORL_MEMORY_LIMIT_BYTES", str(300 * 10**6))
     args = ["--env-id", "HopperStand", "--env-backend", "dm_control", "--num-envs", "64", "--batch-size", "64", "--num-minibatches", "4",
             "--num-eval-envs", "2", "--unroll-length", "1", "--update-epochs", "1", "--total-timesteps", "256"]  # short if not refused
-    code, out, err = run_inprocess("ppo_gaussian.py", args, tmp_path, capsys, monkeypatch)
+    r = run_script("ppo_gaussian.py", args, tmp_path)
+    code, err = r.returncode, r.stderr
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: 64 training + 2 evaluation/refinement envs of HopperStand"), err
     assert "MiB each, measured), more than the 0.3 GiB available" in err, err
     fits = int(err.split("--num-envs ")[1].split()[0])
