@@ -94,11 +94,9 @@ class Args:
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
     obs_stats_accumulation: Literal["cumulative", "legacy_batch_only"] = "cumulative"
-    """the observation normalizer: `cumulative` merges every batch (the GoRL release's fix) or `legacy_batch_only`,
-    upstream FPO's, whose variance keeps only the last batch while the count grows (the paper's PPO/FPO/DPPO runs)"""
+    """the normalizer's variance: `cumulative` over all batches (the GoRL release's fix) or `legacy_batch_only` (FPO)"""
     obs_stats_timing: Literal["rollout_consistent", "legacy_pre_update"] = "rollout_consistent"
-    """merge a batch into the normalizer after the update on it (`rollout_consistent`: the statistics that acted on it)
-    or before (`legacy_pre_update`, upstream FPO: the update normalizes with statistics that include the batch)"""
+    """merge a batch into the normalizer after the update on it (`rollout_consistent`) or before (`legacy_pre_update`: FPO)"""
 
     denoising_steps: int = 10
     """K, the denoising steps of the chain (each one a step of the inner MDP)"""

@@ -91,8 +91,7 @@ class Args:
     learning_rate: float = 1e-3
     """the learning rate of the encoder's optimizer in stage 0 (constant within a stage)"""
     learning_rate_later: Tuple[float, ...] = (3e-4, 1e-4)
-    """the learning rate of the encoder's optimizer in stages 1, 2, ...: one value, or one per later stage (the last
-    repeats); the release's diffusion runs: 3e-4 in stage 1, 1e-4 after"""
+    """the encoder's learning rate in stages 1, 2, ...: one value, or one per later stage (the last repeats)"""
     gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -104,8 +103,7 @@ class Args:
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
     ent_coef_later: Tuple[float, ...] = ()
-    """the entropy coefficient in stages 1, 2, ...: one value or one per later stage (the last repeats); none given:
-    --ent-coef (the release: 0.005 in stage 3 of GoRL-Diffusion on FishSwim)"""
+    """the entropy coefficient in stages 1, 2, ...: one value or one per later stage (the last repeats); none: --ent-coef"""
     tanh_entropy_correction: bool = False
     """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
     FPO's PPO (418c255, playground/src/flow_policy/ppo.py) that ran the paper's PPO row; the GoRL release has it off"""
@@ -114,8 +112,7 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum global norm for gradient clipping; 0 disables it"""
     max_grad_norm_later: Optional[float] = None
-    """the gradient clipping norm in stages 1, 2, ... (the release: 1.0 on WalkerWalk and FingerTurnHard); default:
-    --max-grad-norm"""
+    """the gradient clipping norm in stages 1, 2, ...; default: --max-grad-norm"""
     reward_scale: float = 10.0
     """rewards are multiplied by this before GAE"""
     eval_every: int = 6_000_000
@@ -123,42 +120,32 @@ class Args:
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
     obs_stats_accumulation: Tuple[Literal["cumulative", "legacy_batch_only"], ...] = ("cumulative",)
-    """the observation normalizer, one value or one per stage (the last repeats): `cumulative` merges every batch (the
-    release's fix) or `legacy_batch_only`, upstream FPO's: the variance keeps only the last batch, the count grows"""
+    """the normalizer's variance, one value or one per stage: `cumulative` (the release's fix) or `legacy_batch_only` (FPO)"""
     obs_stats_timing: Tuple[Literal["rollout_consistent", "legacy_pre_update"], ...] = ("rollout_consistent",)
-    """one value or one per stage (the last repeats): merge a batch into the normalizer after the update on it
-    (`rollout_consistent`) or before (`legacy_pre_update`, upstream FPO: the update sees statistics including it)"""
+    """one value or one per stage: merge a batch into the normalizer after (`rollout_consistent`) or before the update on it"""
 
     stage_weights: Tuple[float, ...] = (2, 2, 1, 1)
     """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
     beta: Tuple[float, ...] = (1e-3,)
-    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value for every stage, or one per stage (the release:
-    5e-4 1e-3 1e-3 1e-3 with `--kl-form release`, whose scale differs: see `kl_to_prior`)"""
+    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value, or one per stage (the last repeats)"""
     kl_form: Literal["analytic", "release"] = "analytic"
     """the penalty: `analytic` KL(pi(z|s) || N(0, I)) (the paper) or `release`, mean mu^2 + mean sigma^2 (the released code)"""
     encoder_reset: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ("prior",)
-    """the encoder at each stage start, one value or one per stage (the last repeats): `prior` sets the latent policy
-    to N(0, I), critic and normalizer kept (the paper); `prior-best` takes critic and normalizer from the stage's best
-    encoder (the release's `gaussian_warm_value`); `fresh` re-initializes actor, critic and normalizer (released FM
-    code); `warm` restarts from the stage's best encoder with its normalizer (released diffusion code); `none` keeps
-    training the last encoder (ablation 4.3.2). Stage 0 starts at N(0, I) for prior*, else from a fresh init."""
+    """the encoder at each stage start, one value or one per stage (the last repeats); see `reset_encoder`"""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
     """the number of parallel environments collecting the refinement episodes"""
     refine_from: Literal["best", "last"] = "best"
-    """which encoder of the stage collects the refinement data: the best-evaluated one (released code) or the last
-    (paper text)"""
+    """which encoder of the stage collects the refinement data: the best-evaluated one (the release) or the last"""
     refine_input: Literal["prior", "latent"] = "prior"
-    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the encoder's collected z
-    (ablation Sec. 4.3.1)"""
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper) or the encoder's z (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
     """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
     decoder_steps: int = 0
     """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
     target_clip: float = 3.0
-    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on
-    HopperStand)"""
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off"""
     decoder_batch_size: int = 8192
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4

@@ -112,21 +112,19 @@ class Args:
     """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); one decoder refit between
     stages"""
     beta: float = 1e-3
-    """coefficient of the KL-to-prior penalty beta * KL(pi(z|s) || N(0, I)) in the actor loss (paper Eq. 3)"""
+    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value, or one per stage (the last repeats)"""
     refine_episodes: int = 100
     """full episodes collected by the stage's actor to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 10
     """the number of parallel environments collecting the refinement episodes"""
     refine_input: Literal["prior", "latent"] = "prior"
-    """decoder inputs during the refit: fresh N(0, I) noise (the paper's fixed prior) or the actor's collected z
-    (ablation Sec. 4.3.1)"""
+    """decoder inputs during the refit: fresh N(0, I) noise (the paper) or the encoder's z (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
     """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
     decoder_steps: int = 0
     """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
     target_clip: float = 3.0
-    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off (the release does not clip on
-    HopperStand)"""
+    """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off"""
     decoder_batch_size: int = 1024
     """actions per decoder minibatch (each with 8 noise samples)"""
     decoder_lr: float = 3e-4
