@@ -130,7 +130,7 @@ class Args:
     kl_form: Literal["analytic", "release"] = "analytic"
     """the penalty: `analytic` KL(pi(z|s) || N(0, I)) (the paper) or `release`, mean mu^2 + mean sigma^2 (the released code)"""
     encoder_reset: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ("prior",)
-    """the encoder at each stage start, one value or one per stage (the last repeats); see `reset_encoder`"""
+    """the encoder at each stage start, one value or one per stage: `prior` (paper Sec. 3) or a release mode (reset_encoder)"""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
