@@ -31,18 +31,23 @@ class Recorder:
     """Every action each SyncVectorEnv receives, with the flat observation it was chosen for, keyed by env count."""
 
     def __init__(self, monkeypatch, flatten):
-        self.calls, self.by_instance = {}, {}  # by instance: in creation order, one per VecEnv (an evaluation, a refit, ...)
+        # by_env: one entry per vector env, numbered at its first reset (never by object identity, which the
+        # interpreter reuses once an env is freed), in creation order: an evaluation, a refit, ...
+        self.calls, self.by_env = {}, []
         original_reset, original_step = gym.vector.SyncVectorEnv.reset, gym.vector.SyncVectorEnv.step
         recorder = self
 
         def reset(env, *a, **k):
             out = original_reset(env, *a, **k)
+            if not hasattr(env, "_recorded_calls"):
+                env._recorded_calls = []
+                recorder.by_env.append((env.num_envs, env._recorded_calls))
             env._recorded_obs = flatten(out[0])
             return out
 
         def step(env, action):
             recorder.calls.setdefault(env.num_envs, []).append((env._recorded_obs, np.array(action, copy=True)))
-            recorder.by_instance.setdefault(id(env), (env.num_envs, []))[1].append((env._recorded_obs, np.array(action, copy=True)))
+            env._recorded_calls.append((env._recorded_obs, np.array(action, copy=True)))
             out = original_step(env, action)
             env._recorded_obs = flatten(out[0])
             return out
@@ -411,7 +416,7 @@ def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_pat
     s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)
     decoder = m.Decoder(11, 3, saved_model(run_dir, "gorl_sac_diff.py")["args"]["decoder_hidden"])
     decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["loop"]["decoders"][1])
-    evaluations = [calls for num_envs, calls in rec.by_instance.values() if num_envs == 3]
+    evaluations = [calls for num_envs, calls in rec.by_env if num_envs == 3]
     assert len(evaluations) == 4  # at 0, at the stage end, right after the refit, at the end
     # Right after the refit the restarted actor is the prior, so its deterministic latent is z = 0 for every state.
     obs, actions = (np.stack(x) for x in zip(*evaluations[2]))
