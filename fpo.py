@@ -1,28 +1,38 @@
-# Flow Policy Optimization (FPO, McAllister et al. 2025), a generative-policy baseline of GoRL (paper Table 1, "FPO").
-# A copy of ppo_gaussian.py whose actor is a flow-matching policy; PPO's likelihood ratio is replaced by the
-# exponentiated difference of conditional flow-matching losses at stored (eps, t) samples (McAllister et al. 2025; upstream
-# akanazawa/fpo, playground/src/flow_policy/fpo.py).
+"""Flow Policy Optimization (FPO, McAllister et al. 2025), a generative-policy baseline of GoRL (paper Table 1, "FPO").
+
+ppo_gaussian.py whose actor is a flow-matching policy: PPO's likelihood ratio is replaced by the exponentiated
+difference of conditional flow-matching losses at stored (eps, t) samples (upstream akanazawa/fpo, fpo.py).
+The code above the `# ---- plumbing` line is the whole algorithm; below it, the same plumbing in every script.
+
+    python fpo.py --env-id HopperStand    # the paper's scale; the README has CPU-sized commands
+"""
 import difflib
 import logging
 import os
-import random
-import subprocess
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
-# the same cores slow each other down about 10x (README: Performance). Set before PyTorch loads OpenMP.
+# the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 import gymnasium as gym
+import imageio.v2 as imageio
 import numpy as np
+import psutil
 import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+try:  # EnvPool: the envs on a C++ thread pool; where it has no wheel (README), dm_control runs every task
+    import envpool
+except ImportError:
+    envpool = None
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, deterministic kernels on CUDA where PyTorch has them (a warning names any op without one)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     threads: int = 0
@@ -44,23 +54,20 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, render one episode per evaluation (env 0's seed) through dm_control, on either backend, to `videos/*.mp4`"""
+    """if toggled, render env 0's episode of every evaluation through dm_control (either backend) to `videos/`"""
     save_model: bool = False
     """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after
-    every refit"""
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
     resume: Optional[str] = None
-    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and
-    log dir"""
+    """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
     env_id: str = "HopperStand"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
     env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
-    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`:
-    envpool when it has the task"""
+    """`envpool` (C++ thread pool), `dm_control` (Python envs; DMC through shimmy), or `auto`: envpool when it has the task"""
     total_timesteps: int = 180_000_000
     """total environment steps of training (evaluation steps are not counted)"""
     num_envs: int = 2048
@@ -96,6 +103,21 @@ class Args:
     obs_stats_timing: Literal["rollout_consistent", "legacy_pre_update"] = "rollout_consistent"
     """merge a batch into the normalizer after the update on it (`rollout_consistent`) or before (`legacy_pre_update`: FPO)"""
 
+    def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
+        check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
+                   learning_rate clip_coef reward_scale eval_every num_eval_envs checkpoint_every""", unit="gamma",
+                   non_negative="threads vf_coef max_grad_norm gae_lambda")
+        check_args(self, positive="flow_steps samples_per_action")  # FPO's own
+        segments = self.batch_size * self.num_minibatches
+        if self.gae_lambda > 1:
+            fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
+        if segments % self.num_envs:
+            fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
+                 f"({self.num_envs}), so every env contributes whole segments")
+        if self.total_timesteps < segments * self.unroll_length:
+            fail(f"--total-timesteps {self.total_timesteps} is smaller than one iteration ({segments} segments of "
+                 f"{self.unroll_length} steps = {segments * self.unroll_length})")
+
     flow_steps: int = 10
     """Euler steps of the flow from x_1 ~ N(0, I) to the pre-tanh action x_0"""
     samples_per_action: int = 8
@@ -104,373 +126,25 @@ class Args:
     """ratio exp(mean L_old - mean L_new) over the samples (upstream default); off: one clipped ratio per sample"""
 
 
-# ---- shared skeleton: identical in every script; skip on a first read ----
-def fail(message):
-    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+# ---- the algorithm: the networks, the observation normalizer, GAE and the losses ----
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
-def dmc_task_ids():
-    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
-    from dm_control import suite
-
-    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
-
-
-def resolve_backend(env_id, backend):
-    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
-    dmc = dmc_task_ids()
-    if env_id not in dmc and env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"
-        fail(f"unknown --env-id {env_id!r}; {hint}")
-    try:
-        import envpool  # noqa: F401
-    except ImportError:
-        envpool = None
-    has_task = envpool is not None and VecEnv.envpool_id(env_id) is not None
-    if backend == "envpool" and envpool is None:
-        fail(f"--env-backend envpool: envpool is not installed ({envpool_hint()})")
-    if backend == "envpool" and not has_task:
-        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
-    if backend == "auto":  # one line, so a slow dm_control run is never a silent surprise
-        backend = "envpool" if has_task else "dm_control"
-        why = (f"it has the task ({VecEnv.envpool_id(env_id)})" if has_task else
-               f"envpool has no task {env_id!r}" if envpool is not None else f"envpool is not installed ({envpool_hint()})")
-        print(f"backend auto -> {backend}: {why}")
-    if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
-        fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
-    if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
-        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl "
-             "(or osmesa), or use envpool")
-    return backend
-
-
-def envpool_hint():
-    """How to get EnvPool (requirements.txt pins the version; its wheels cover these platforms)."""
-    return ("pip install envpool==1.2.5: wheels for CPython 3.11-3.14 on Linux x86_64 and aarch64, macOS arm64 and "
-            "Windows x86_64; elsewhere only dm_control runs")
-
-
-def render_backend(capture_video):
-    """The MUJOCO_GL value for this run: `disable` (or the user's choice) without video; with --capture-video the first
-    of the user's choice, EGL and OSMesa that renders a frame. Each is tried in a subprocess, since PyOpenGL binds its
-    platform at the first import and cannot switch in this process after a failure."""
-    if not capture_video:
-        return os.environ.get("MUJOCO_GL", "disable")
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        fail("--capture-video writes mp4 through imageio-ffmpeg: pip install imageio==2.38.1 imageio-ffmpeg==0.6.0")
-    probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
-    choices = [gl for gl in [os.environ.get("MUJOCO_GL"), "egl", "osmesa"] if gl not in (None, "disable")]
-    for gl in dict.fromkeys(choices):
-        probe_run = subprocess.run(
-            [sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120
-        )
-        if probe_run.returncode == 0:
-            return gl
-    fail(f"--capture-video: no OpenGL backend renders here (tried MUJOCO_GL={', '.join(dict.fromkeys(choices))}); "
-         "install EGL (libegl1) or OSMesa (libosmesa6)")
-
-
-def memory_available():
-    """Bytes this process can still allocate, or None where not measurable (no /proc: macOS, Windows):
-    MemAvailable, capped by a cgroup's limit minus its usage (v2, else v1). GORL_MEMORY_LIMIT_BYTES, when set,
-    replaces the measurement (tests fake a small machine with it)."""
-    if os.environ.get("GORL_MEMORY_LIMIT_BYTES"):
-        return int(os.environ["GORL_MEMORY_LIMIT_BYTES"])
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit_file, usage_file in [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]:
-        try:
-            with open(limit_file) as f, open(usage_file) as g:
-                limit, usage = f.read().strip(), int(g.read())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # v1 reports "no limit" as a huge number, v2 as "max"
-            available = min(available, int(limit) - usage)
-        break
-    return available
-
-
-def resident_bytes():
-    """This process's resident memory (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def check_resources(args, backend):
-    """Refuses with one line a run whose environments cannot fit in memory, and says when dm_control will be slow.
-
-    An env's memory is mostly MuJoCo's per-env model and data arena (HopperStand: 12.5 MB on either backend; DogRun
-    76 MB on dm_control, 106 MB on EnvPool), so it is measured: the resident memory a few envs of this task and
-    backend add. The peak holds the training envs plus the larger of the evaluation and GoRL refinement envs."""
-    available = memory_available()
-    others = max(args.num_eval_envs, getattr(args, "refine_num_envs", 0))
-    # Building a few DMC envs takes seconds, so small runs skip the probe when 256 MiB per env (over twice the largest
-    # measured, DogRun on EnvPool) fits anyway.
-    if args.num_envs <= 64 and (available is None or (args.num_envs + others) * 2**28 <= 0.9 * available):
-        return
-    probes, probe_steps = 8, 10  # fewer envs overstate: a pool's own fixed cost (EnvPool: ~40 MB) is shared by fewer
-    warm = VecEnv(args.env_id, backend, 1, args.seed)  # one-time costs (imports, EnvPool's thread pool, assets)
-    warm.reset()
-    before = resident_bytes()
-    sample = VecEnv(args.env_id, backend, probes, args.seed)
-    sample.reset()
-    start = time.time()
-    for _ in range(probe_steps):
-        sample.step(np.zeros((probes, sample.action_dim)))
-    steps_per_second = probes * probe_steps / max(time.time() - start, 1e-9)
-    per_env = None if before is None else max(resident_bytes() - before, 0) / probes
-    sample.close()
-    warm.close()
-    need = None if per_env is None else per_env * (args.num_envs + others)
-    # a tenth for the rollout storage, the networks and the allocator's slack
-    if need is None or available is None or need <= 0.9 * available:
-        if backend == "dm_control" and args.num_envs > 64:
-            hours = args.total_timesteps / steps_per_second / 3600
-            print(f"note: dm_control steps its {args.num_envs} envs one after another in this process: about "
-                  f"{steps_per_second:,.0f} env steps/s measured here, so --total-timesteps {args.total_timesteps:,} takes "
-                  f"about {hours:,.1f} h of env stepping alone; EnvPool steps them on a C++ thread pool: {envpool_hint()}")
-        return
-    fits = int(0.9 * available / per_env) - others
-    if hasattr(args, "num_minibatches"):  # every env contributes whole segments: a divisor of the iteration's segments
-        segments = args.batch_size * args.num_minibatches
-        fits = max([n for n in range(1, min(fits, segments) + 1) if segments % n == 0], default=0)
-        layout = (f"; an iteration keeps its {segments} segments of {args.unroll_length} steps, as {segments // max(fits, 1)} "
-                  f"unrolls of {fits} envs instead of {segments // args.num_envs} of {args.num_envs}")
-    else:
-        layout = ""
-    suggestion = (f"--num-envs {fits} fits{layout}" if fits > 0 else
-                  f"even one training env does not fit beside {others} evaluation/refinement envs: lower --num-eval-envs")
-    fail(f"{args.num_envs} training + {others} evaluation/refinement envs of {args.env_id} on {backend} need about "
-         f"{need / 2**30:.1f} GiB ({per_env / 2**20:.1f} MiB each, measured), more than the {available / 2**30:.1f} GiB "
-         f"available; {suggestion}")
-
-
-class VecEnv:
-    """`num_envs` copies of one task behind one small interface, for either backend.
-
-    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same
-    entries and sizes on both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's
-    bounds where those are finite and sensible (identity on unbounded actuators such as LQR's +-1e10). Every
-    episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
-    the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
-    False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
-    where an episode just ended: there it is the observation the episode ended in (what an off-policy target
-    bootstraps from at a time limit), not the next episode's first one.
-    """
-
-    dmc_observation_keys = {}  # (domain, task) -> dm_control's observation entries, read once per process
-
-    def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc = dmc_task_ids()
-        self.backend, self.num_envs, self.seed, self.obs_keys = backend, num_envs, seed, None
-        if backend == "envpool":
-            import envpool
-
-            self.envs = envpool.make(self.envpool_id(env_id), env_type="gymnasium", num_envs=num_envs, seed=seed)
-            action_space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
-            if env_id in dmc:
-                # EnvPool pads some tasks with the all-zero entries of a sibling task (HumanoidStand: `position`,
-                # FingerSpin: `target_position`, `dist_to_target`; FishUpright: `target`; Dog*: `ball_state`,
-                # `target_position`); only dm_control's own entries are kept, so both backends observe the same.
-                if dmc[env_id] not in VecEnv.dmc_observation_keys:
-                    from dm_control import suite
-
-                    env = suite.load(*dmc[env_id])
-                    VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(env.observation_spec())
-                    env.close()
-                self.obs_keys = VecEnv.dmc_observation_keys[dmc[env_id]]
-        else:
-            name, kwargs = env_id, {}
-            if env_id in dmc:
-                import shimmy
-
-                gym.register_envs(shimmy)
-                # dm_control's LQR tasks never end; EnvPool cuts every DMC task at 1000 steps, and so does this TimeLimit.
-                name, kwargs = "dm_control/{}-{}-v0".format(*dmc[env_id]), {"max_episode_steps": 1000}
-            self.max_episode_steps = kwargs.get("max_episode_steps", gym.spec(name).max_episode_steps)
-
-            def thunk(i):
-                def make():
-                    return gym.make(name, render_mode="rgb_array" if render and i == 0 else None, **kwargs)
-
-                return make
-
-            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
-            self.envs = gym.vector.SyncVectorEnv(
-                [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-            )
-            action_space = self.envs.single_action_space
-            if env_id in dmc:  # dm_control's own entries, for an EnvPool VecEnv of the same task in this process
-                VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(self.envs.single_observation_space.keys())
-        if not isinstance(action_space, gym.spaces.Box):
-            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
-        self.action_dim = int(np.prod(action_space.shape))
-        # [-1, 1] is mapped onto [action_low, action_high] only in the dims whose bounds are finite and sensible;
-        # the others (unbounded actuators: LQR's +-1e10) get the policy's action as is.
-        low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
-        self.action_bounded = (np.abs(low) < 1e6) & (np.abs(high) < 1e6) & (low < high)
-        self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
-        self.action_identity = bool(np.all(self.action_low == -1.0) and np.all(self.action_high == 1.0))
-        self.episode_return = np.zeros(num_envs)
-        self.episode_length = np.zeros(num_envs, dtype=np.int64)
-        self.step_time = 0.0  # seconds spent inside the backend's step, for the perf/ shares
-
-    @staticmethod
-    def envpool_id(env_id):
-        """EnvPool's id for one of our tasks, or None when it has none (or is not installed). DMC tasks are
-        `{id}-v1` matched case-insensitively: dm_control's domain humanoid_CMU is our HumanoidCmu, EnvPool's HumanoidCMU."""
-        try:
-            import envpool
-        except ImportError:
-            return None
-        if env_id not in dmc_task_ids():
-            return env_id if env_id in envpool.list_all_envs() else None
-        matches = [i for i in envpool.list_all_envs() if i.lower() == f"{env_id}-v1".lower()]
-        return matches[0] if len(matches) == 1 else None
-
-    @staticmethod
-    def flatten(obs, keys=None):
-        """Dict entries `keys` (default: all, sorted) concatenated into one float32 row per env."""
-        if isinstance(obs, dict):
-            obs = np.concatenate(
-                [np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)],
-                axis=1,
-            )
-        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
-
-    def reset(self):
-        if self.backend == "envpool":
-            obs, _ = self.envs.reset()
-        else:
-            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
-        self.episode_return[:], self.episode_length[:] = 0, 0
-        return self.flatten(obs, self.obs_keys)
-
-    def step(self, action):
-        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
-        start = time.time()
-        obs, reward, terminated, truncated, info = self.envs.step(self.scale_action(action))
-        self.step_time += time.time() - start
-        # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
-        # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
-        # TimeLimit reports both flags there, and the loops' `learnable` masks keep such a step a termination. DMC tasks never
-        # terminate: both backends truncate them at step 1000.
-        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward = np.asarray(reward, dtype=np.float32) * valid
-        done = np.logical_or(terminated, truncated)
-        self.episode_return += reward
-        self.episode_length += valid
-        ended = (self.episode_return[done].copy(), self.episode_length[done].copy())
-        self.episode_return[done], self.episode_length[done] = 0, 0
-        # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
-        # returns the next episode's first observation and puts the final one in info.
-        obs = self.final_obs = self.flatten(obs, self.obs_keys)
-        if self.backend != "envpool" and done.any():
-            self.final_obs = obs.copy()
-            for i in np.flatnonzero(done):
-                last = info["final_obs"][i]
-                self.final_obs[i] = self.flatten(
-                    {k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None]
-                )[0]
-        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
-
-    def scale_action(self, action):
-        """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
-        clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
-        action = np.asarray(action, dtype=np.float64)
-        if self.action_identity:  # every DMC task: bounds [-1, 1], nothing to map
-            return action
-        scaled = np.clip(
-            self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high
-        )
-        return np.where(self.action_bounded, scaled, action)
-
-    # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
-    episode_model_fields = "body_pos body_quat geom_pos geom_quat geom_size geom_rgba site_pos site_quat".split()
-
-    def get_state(self):
-        """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
-        cannot export its envs (a resumed EnvPool run starts new episodes). Per env: MuJoCo's integration state, the
-        model entries above, the env's RNG, its step counters, and the running episode's return and length."""
-        if self.backend == "envpool":
-            return None
-        import mujoco
-
-        states = []
-        for env in self.envs.envs:
-            time_limit, inner, model, data = self.parts(env)
-            physics = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
-            mujoco.mj_getState(model, data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
-            rng = inner.np_random  # dm_control's RandomState through shimmy, a Generator for Gymnasium's envs
-            rng = rng.bit_generator.state if isinstance(rng, np.random.Generator) else mt19937_state(rng.get_state())
-            dmc_env = getattr(inner, "_env", None)
-            states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
-                           "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
-                           "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
-        return {
-            "envs": states,
-            "episode_return": torch.from_numpy(self.episode_return),
-            "episode_length": torch.from_numpy(self.episode_length),
-        }
-
-    def set_state(self, state):
-        """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
-        if state is None or self.backend == "envpool":
-            return
-        import mujoco
-
-        for env, saved in zip(self.envs.envs, state["envs"]):
-            time_limit, inner, model, data = self.parts(env)
-            for k, v in saved["model"].items():
-                getattr(model, k)[:] = v.numpy()
-            mujoco.mj_setState(model, data, saved["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-            mujoco.mj_forward(model, data)  # the derived quantities a step starts from (dm_control steps mj_step2 first)
-            if isinstance(inner.np_random, np.random.Generator):
-                inner.np_random.bit_generator.state = saved["rng"]
-            else:
-                inner.np_random.set_state(mt19937_state(saved["rng"]))
-            time_limit._elapsed_steps = saved["elapsed"]
-            if saved["dmc_steps"] is not None:
-                inner._env._step_count, inner._env._reset_next_step = saved["dmc_steps"]
-        self.episode_return[:], self.episode_length[:] = state["episode_return"].numpy(), state["episode_length"].numpy()
-
-    @staticmethod
-    def parts(env):
-        """A Gymnasium env's TimeLimit wrapper, its innermost env and the MuJoCo model and data that env steps."""
-        time_limit = env
-        while not isinstance(time_limit, gym.wrappers.TimeLimit):
-            time_limit = time_limit.env
-        inner = env.unwrapped
-        if hasattr(inner, "_env"):  # shimmy around a dm_control Environment
-            return time_limit, inner, inner._env.physics.model.ptr, inner._env.physics.data.ptr
-        return time_limit, inner, inner.model, inner.data
-
-    def render(self):
-        """Env 0's current frame (dm_control backend made with render=True)."""
-        return self.envs.envs[0].render()
-
-    def close(self):
-        self.envs.close()
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
 
 
 class RunningMeanStd(nn.Module):
-    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
-    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
-    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+    """Observation normalizer: running mean and variance merged batch by batch (Chan et al.'s parallel Welford update:
+    k merges equal one pass over all), in float64 buffers, so it stays exact over 1e8 samples and checkpoints carry it."""
 
     def __init__(self, shape):
         super().__init__()
@@ -484,9 +158,8 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def update(self, x, accumulate=True):
-        """`accumulate=False` is upstream FPO's normalizer (418c255, playground/src/flow_policy/math_utils.py,
-        `RunningStats.update`; the GoRL release's `legacy_batch_only`): the sum of squares keeps only this batch's
-        sum((x - old mean)(x - new mean)) while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
+        """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
+        sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
@@ -510,14 +183,11 @@ class RunningMeanStd(nn.Module):
 
 def compute_gae(rewards, values, terminated, mask, gamma, gae_lambda):
     """Advantages and value targets over segments, as Brax PPO's `compute_gae` (the authors' FPO and GoRL code).
-    rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs).
-
-    Within a segment the next observation of step t is the observation of step t + 1, except at an episode
-    end, and exactly those steps (truncation, EnvPool reset) have mask 0: their advantage and value error are
-    zeroed and the recursion does not cross them. Termination cuts the bootstrap as usual.
-    The value targets are vs = V + GAE(lambda). The policy advantage is *not* the GAE sum: Brax takes the one-step
-    return on the targets, r_t + gamma * (1 - term_t) * vs_{t+1} - V_t (vs after the last step = the bootstrap
-    value), which weighs the next step's GAE by 1 instead of lambda. Returns (advantages, value targets), [B, T]."""
+    rewards, terminated, mask: [B, T]; values: [B, T + 1], the last one V(final next-obs). Within a segment the next
+    observation of step t is that of step t + 1 except at an episode end, and exactly those steps (truncation, EnvPool
+    reset) have mask 0: their advantage and value error are zeroed and the recursion does not cross them. The value
+    targets are vs = V + GAE(lambda); the policy advantage is Brax's one-step return on them, r_t + gamma (1 - term_t)
+    vs_{t+1} - V_t (vs after the last step: the bootstrap value), not the GAE sum. Returns (advantages, targets)."""
     not_terminated = 1.0 - terminated
     deltas = (rewards + gamma * not_terminated * values[:, 1:] - values[:, :-1]) * mask
     gae = torch.zeros_like(deltas)
@@ -551,241 +221,6 @@ def explained_variance(targets, values, mask):
     return 1 - (((targets - values) * mask) ** 2).sum() / n / target_var.clamp(min=1e-8)
 
 
-def layer_init(layer):
-    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
-    bound = np.sqrt(3.0 / layer.in_features)
-    nn.init.uniform_(layer.weight, -bound, bound)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
-
-
-@torch.no_grad()
-def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None):
-    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
-    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
-    to actions in [-1, 1]. Episodes end within the task's time limit, and so does this loop. Returns (mean, std)
-    of the episode returns. With `video_path`, one more episode with env 0's seed is rendered through dm_control
-    (EnvPool does not render), whatever the backend, and written there as mp4; on dm_control it is env 0's episode."""
-    envs = VecEnv(env_id, backend, num_envs, seed)
-    obs = envs.reset()
-    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
-    for _ in range(envs.max_episode_steps):
-        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
-        obs, reward, terminated, truncated, valid, _ = envs.step(action)
-        returns += reward * ~done
-        done |= terminated | truncated
-        if done.all():
-            break
-    envs.close()
-    if video_path is not None:
-        import imageio.v2 as imageio
-
-        env = VecEnv(env_id, "dm_control", 1, seed, render=True)
-        obs, frames = env.reset(), [env.render()]
-        for _ in range(env.max_episode_steps):
-            obs, _, terminated, truncated, _, _ = env.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-            if terminated[0] or truncated[0]:  # the env has already reset: its frame is the next episode's start
-                break
-            frames.append(env.render())
-        fps = env.envs.envs[0].metadata.get("render_fps") or 30
-        env.close()  # frees the GL context now: at interpreter exit dm_control's EGL cleanup raises
-        os.makedirs(os.path.dirname(video_path) or ".", exist_ok=True)
-        imageio.mimwrite(video_path, frames, fps=fps, macro_block_size=1)
-    return float(returns.mean()), float(returns.std())
-
-
-def mt19937_state(state):
-    """NumPy's legacy RNG state tuple with its key array as a tensor, and back (checkpoints hold tensors, not arrays)."""
-    name, key, pos, has_gauss, gauss = state
-    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else torch.from_numpy(key.astype(np.int64))
-    return name, key, pos, has_gauss, gauss
-
-
-def rng_state():
-    """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(),
-            "cuda": cuda}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(mt19937_state(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, checkpoint):
-    """Writes a temporary file and renames it over `path`: a kill during the write leaves the previous checkpoint."""
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path):
-    """Loads a checkpoint written by this script, without running any code from it (weights_only: tensors and
-    plain values only), refusing a truncated file or one written by another script."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
-        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    script = os.path.basename(__file__)
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        writer = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
-        fail(f"checkpoint {path!r} was written by {writer}, not by {script}")
-    return checkpoint
-
-
-def resumed_args(args, checkpoint):
-    """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
-    task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
-    may_differ = "resume checkpoint_every cuda track wandb_project_name wandb_entity capture_video save_model".split()
-    defaults, saved = vars(Args()), checkpoint["args"]
-    for name, value in vars(args).items():
-        if name not in may_differ and value != defaults[name] and value != saved[name]:
-            fail(f"--resume: checkpoint {args.resume!r} is a run with --{name.replace('_', '-')} {saved[name]}, not {value}")
-    return Args(**{**saved, **{name: getattr(args, name) for name in may_differ if getattr(args, name) != defaults[name]}})
-
-
-def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
-    """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
-    the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
-    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name}
-    checkpoint.update(obs_dim=next_obs.shape[1], action_dim=envs.action_dim, envs=envs.get_state(), loop=loop)
-    checkpoint.update(next_obs=torch.from_numpy(next_obs))
-    return {**checkpoint, "rng": rng_state(), **{name: module.state_dict() for name, module in modules.items()}}
-
-
-def restore_checkpoint(checkpoint, envs, next_obs, modules):
-    """Loads `make_checkpoint`'s result into `modules` and the envs, sets every RNG, and returns the loop's counters
-    and the next observation (on EnvPool, the one of the new episodes `next_obs`)."""
-    for name, module in modules.items():
-        module.load_state_dict(checkpoint[name])
-    envs.set_state(checkpoint["envs"])
-    set_rng_state(checkpoint["rng"])
-    return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
-
-
-def evaluate_checkpoint(path, capture_video, device, load_policy):
-    """--eval-checkpoint: the deterministic evaluation of a saved model on its own task and seeds, printed.
-    `load_policy(checkpoint, device)` rebuilds the script's networks and returns their evaluation policy."""
-    checkpoint = load_checkpoint(path)
-    saved = Args(**checkpoint["args"])
-    backend = resolve_backend(saved.env_id, checkpoint["backend"])
-    video_path = (
-        f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
-    )
-    policy = load_policy(checkpoint, device)
-    mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} "
-          f"({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-    if video_path is not None:
-        print(f"video saved to {video_path}")
-
-
-def crossed(global_step, steps, every):
-    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
-    return global_step // every > (global_step - steps) // every
-
-
-def log_scalars(writer, scalars, global_step):
-    for name, value in scalars.items():
-        writer.add_scalar(name, value, global_step)
-
-
-def log_episodes(writer, ended, global_step, train_return):
-    """Logs the episodes that just ended, `ended` = (returns, lengths), and returns the latest training return."""
-    if len(ended[0]) == 0:
-        return train_return
-    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, global_step)
-    return float(ended[0].mean())
-
-
-def finite_means(stats, where):
-    """The means of the update's scalars, `stats` a list of {name: 0-d tensor}, in one device-to-host copy. A loss
-    that went non-finite stops the run with one line (exit code 1); `where(i)` says where the i-th entry was computed."""
-    names = list(stats[0])
-    with torch.no_grad():
-        values = torch.stack([torch.stack([entry[name] for name in names]) for entry in stats]).cpu()
-    bad = ~torch.isfinite(values[:, [name.endswith("loss") for name in names]]).all(1)
-    if bad.any():
-        print(f"error: non-finite loss {where(int(bad.nonzero()[0]))}; stopping", file=sys.stderr)
-        sys.exit(1)
-    return dict(zip(names, values.mean(0).tolist()))
-
-
-def log_timing(writer, global_step, steps, train_time, envs, rollout_time, iteration_time):
-    """charts/SPS, and where the iteration's time went: stepping the envs, the rest of the rollout (inference,
-    copies), the update. Takes (and resets) the envs' stepping time. Returns the SPS."""
-    sps = int(global_step / train_time)
-    shares = {"env": envs.step_time, "inference": rollout_time - envs.step_time, "update": iteration_time - rollout_time}
-    log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps / rollout_time)}, global_step)
-    log_scalars(writer, {f"perf/{name}_share": seconds / iteration_time for name, seconds in shares.items()}, global_step)
-    envs.step_time = 0.0
-    return sps
-
-
-def check_args(args):
-    """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
-    names; a GoRL script checks its baseline's settings and its own with the same code."""
-    positive = """total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs eval_every num_eval_envs
-        checkpoint_every learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
-        denoising_steps min_std buffer_size policy_frequency policy_lr q_lr utd_ratio stage_weights refine_episodes
-        refine_num_envs decoder_batch_size decoder_lr decoder_hidden""".split()
-    non_negative = """threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
-        decoder_steps target_clip""".split()
-    per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
-    for name, value in vars(args).items():
-        flag = "--" + name.replace("_", "-")
-        values = [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
-        got = " ".join(map(str, values)) or "nothing"
-        if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
-            fail(f"{flag} takes one or more values, got nothing")
-        if name in positive and not all(v > 0 for v in values):
-            fail(f"{flag} must be positive, got {got}")
-        if name in non_negative and not all(v >= 0 for v in values):
-            fail(f"{flag} must be non-negative, got {got}")
-        if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
-            fail(f"{flag} must be in (0, 1], got {value}")
-        if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
-            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {got}")
-    if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
-        fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
-        segments, steps = args.batch_size * args.num_minibatches, args.batch_size * args.num_minibatches * args.unroll_length
-        if segments % args.num_envs != 0:
-            fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
-                 f"({args.num_envs}), so every env contributes whole segments")
-        if args.total_timesteps < steps:
-            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} "
-                 f"minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps})")
-    elif args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:  # SAC
-        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts "
-             f"({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
-    if hasattr(args, "stage_weights"):  # GoRL: a refit needs episodes, and every stage its own training
-        if args.decoder_steps == 0 and args.decoder_epochs <= 0:
-            fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
-        if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
-            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per "
-                 f"refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
-        need, why = (steps, "one iteration") if hasattr(args, "unroll_length") else (args.learning_starts + 1, "SAC restarts")
-        smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
-        if smallest < need:
-            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} "
-                 f"gives a stage of {smallest} steps; each needs at least {need} ({why})")
-
-
-# ---- FPO ----
 LOGRATIO_CLIP = 3.0  # upstream FPO clips each per-sample log-ratio to +-this (with --no-average-losses-before-exp)
 
 
@@ -816,18 +251,15 @@ class Agent(nn.Module):
     def act(self, x, generator=None):
         """Samples x_1 ~ N(0, I) and integrates x <- x - v / K at t = 1, ..., 1/K to the pre-tanh action u. Also draws
         the (eps, t) pairs PPO will reuse, t from the schedule {1/K, ..., 1}, with their CFM losses under the current
-        parameters. A flow has no tractable mean, so evaluation samples too (with a fixed-seed generator).
+        parameters. A flow has no tractable mean, so evaluation samples too, from a seeded CPU `generator` (the same
+        noise on every device).
         Returns (u, (eps, t, losses), environment action in [-1, 1])."""
-        u = torch.randn(x.shape[0], self.actor[-1].out_features, device=x.device, generator=generator)
-        for k in range(self.flow_steps):
-            u = u - self.velocity(x, u, torch.full_like(u[:, :1], 1.0 - k / self.flow_steps)) / self.flow_steps
-        eps = torch.randn(x.shape[0], self.samples_per_action, u.shape[1], device=x.device, generator=generator)
-        t = (
-            torch.randint(
-                1, self.flow_steps + 1, (x.shape[0], self.samples_per_action, 1), device=x.device, generator=generator
-            )
-            / self.flow_steps
-        )
+        B, S, K, dev = x.shape[0], self.samples_per_action, self.flow_steps, x.device if generator is None else "cpu"
+        u = torch.randn(B, self.actor[-1].out_features, device=dev, generator=generator).to(x.device)
+        for k in range(K):
+            u = u - self.velocity(x, u, torch.full_like(u[:, :1], 1.0 - k / K)) / K
+        eps = torch.randn(B, S, u.shape[1], device=dev, generator=generator).to(x.device)
+        t = torch.randint(1, K + 1, (B, S, 1), device=dev, generator=generator).to(x.device) / K
         return u, (eps, t, self.cfm_loss(x, u, eps, t)), torch.tanh(u)
 
 
@@ -835,64 +267,30 @@ def eval_policy(agent, obs_rms, seed):
     """The policy that evaluation runs: raw observation -> action in [-1, 1]. It samples the flow from x_1 ~ N(0, I) (a
     flow policy has no tractable mean) with noise from a generator seeded `seed` here, so every evaluation draws the
     same noise and a reloaded checkpoint reproduces its return."""
-    generator = torch.Generator(next(agent.parameters()).device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: --eval-checkpoint gives the same return on any device
     return lambda x: agent.act(obs_rms(x), generator)[2]
 
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
-    agent = Agent(
-        checkpoint["obs_dim"],
-        checkpoint["action_dim"],
-        checkpoint["args"]["flow_steps"],
-        checkpoint["args"]["samples_per_action"],
-    ).to(device)
+    agent = Agent(obs_dim, action_dim, checkpoint["args"]["flow_steps"], checkpoint["args"]["samples_per_action"]).to(device)
     agent.load_state_dict(checkpoint["agent"])
     return eval_policy(agent, obs_rms, checkpoint["args"]["seed"] + EVAL_SEED_OFFSET)
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
-    args = resumed_args(args, checkpoint) if checkpoint is not None else args
-    os.environ["MUJOCO_GL"] = render_backend(args.capture_video)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
-    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
-    rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
-    if args.eval_checkpoint is not None:
-        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
-        sys.exit(0)
-
-    check_args(args)
-    backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    check_resources(args, backend)
+def main(args):
+    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
-    # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("backend", backend)
-    writer.add_text("eval", "FPO evaluation samples x_1 ~ N(0, I) with a fixed seed: a flow policy has no tractable mean")
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    writer.add_text("eval", "FPO evaluation samples x_1 ~ N(0, I) with a fixed seed: a flow policy has no tractable mean")
+    # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
+    rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
@@ -924,7 +322,7 @@ if __name__ == "__main__":
     if checkpoint is None:
         eval_return = eval_and_log(0)
     else:
-        loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, modules)
+        loop = restore(checkpoint, modules)
         iteration, global_step, train_time, eval_return, train_return = (
             loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
     for iteration in range(iteration + 1, num_iterations + 1):
@@ -992,9 +390,9 @@ if __name__ == "__main__":
 
         log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
                                                           f"minibatch {i % args.num_minibatches + 1})"), global_step)
-        iteration_time = time.time() - iteration_start
-        train_time += iteration_time
-        sps = log_timing(writer, global_step, steps_per_iteration, train_time, envs, rollout_time, iteration_time)
+        train_time += time.time() - iteration_start
+        sps, rollout_sps = int(global_step / train_time), int(steps_per_iteration / rollout_time)
+        log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": rollout_sps}, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
             eval_return = eval_and_log(global_step)
@@ -1003,12 +401,265 @@ if __name__ == "__main__":
               f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
             loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
-                    "train_return": train_return}
-            save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop))
+                    "train_return": train_return, "obs_dim": obs_dim, "action_dim": action_dim}
+            save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        save_checkpoint(model_path, make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop))
-        print(f"model saved to {model_path}")
+    if args.save_model:  # the final checkpoint is the model
+        shutil.copyfile(checkpoint_path, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
+        print(f"model saved to runs/{run_name}/{args.exp_name}.cleanrl_model")
     envs.close()
     writer.close()
+
+
+# ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
+EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args, positive="", non_negative="", unit=""):
+    """Refuses a flag named in `positive`, `non_negative` or `unit` (in (0, 1]) when one of its values is out of range."""
+    for names, ok, what in [(positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
+                            (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
+        for name in names.split():
+            values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def setup(args, load_policy):
+    """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
+    checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
+    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
+        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
+            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
+        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
+    os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.torch_deterministic and device.type == "cuda":  # the CPU kernels used here are deterministic already
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    backend = resolve_backend(args.env_id, checkpoint["backend"] if checkpoint else args.env_backend)
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.eval_checkpoint is not None:  # the saved model's deterministic evaluation, on its task and seeds
+        video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
+        mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
+                             args.seed + EVAL_SEED_OFFSET, device, video_path)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
+        sys.exit(0)
+    check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
+    torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
+    # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
+    table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return args, checkpoint, backend, device, writer, run_name
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks that the task exists and returns the backend that runs it: `auto` is EnvPool when it has the task."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, [*dmc, *gym.registry], n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}; " + (f"did you mean {', '.join(close)}?" if close else
+                                                 "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"))
+    pool_ids = {i.lower(): i for i in envpool.list_all_envs()} if envpool else {}  # DMC: `{id}-v1`, any case
+    pool_id = pool_ids.get((f"{env_id}-v1" if env_id in dmc else env_id).lower())
+    why = f"EnvPool has the task ({pool_id})" if pool_id else (f"EnvPool is not installed or has no task {env_id!r} (pip "
+                                                                "install envpool==1.2.5; CPython 3.11-3.14, Linux, macOS)")
+    if backend == "envpool" and pool_id is None:
+        fail(f"--env-backend envpool: {why}")
+    if backend == "auto":  # said in one line, so a slow dm_control run is never a silent surprise
+        backend = "envpool" if pool_id else "dm_control"
+        print(f"backend auto -> {backend}: {why}")
+    if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
+        fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
+    return backend
+
+
+def check_memory(args, backend, spare_envs):
+    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
+    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
+    if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
+        return
+    VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
+    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    probe.reset()
+    probe.step(np.zeros((8, probe.action_dim)))
+    per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
+    probe.close()
+    fits = int(0.9 * available / per_env) - spare_envs  # a tenth for the storage, the networks and slack
+    if args.num_envs > fits:
+        fits = 2 ** int(np.log2(fits)) if fits > 0 else 0  # a power of 2 divides PPO's layouts
+        fail(f"{args.num_envs} training + {spare_envs} evaluation/refinement envs of {args.env_id} on {backend} need about "
+             f"{(args.num_envs + spare_envs) * per_env / 2**30:.1f} GiB ({per_env / 2**20:.1f} MiB each, measured), more "
+             f"than the {available / 2**30:.1f} GiB free; " + (f"--num-envs {fits} fits" if fits else "lower --num-eval-envs"))
+
+
+class VecEnv:
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
+    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
+    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+
+    def __init__(self, env_id, backend, num_envs, seed, render=False):
+        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        if backend == "envpool":
+            pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
+            self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
+                from dm_control import suite
+                self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
+        else:  # dm_control through shimmy; DMC tasks never end on their own: cut at 1000 steps, as EnvPool does
+            import shimmy
+            gym.register_envs(shimmy)
+            name, limit = ("dm_control/{}-{}-v0".format(*dmc[env_id]), 1000) if env_id in dmc else (env_id, None)
+            # SAME_STEP autoreset: the step that ends an episode returns the next one's first observation, nothing is lost
+            self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                                     [gym.wrappers.FlattenObservation], max_episode_steps=limit,
+                                     render_mode="rgb_array" if render else None)
+            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
+        bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
+        self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
+        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
+        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+
+    def flatten(self, obs):
+        if isinstance(obs, dict):  # EnvPool's DMC tasks
+            obs = np.concatenate([np.asarray(obs[k]).reshape(self.num_envs, -1) for k in self.keys], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
+
+    def reset(self):
+        self.returns[:], self.lengths[:] = 0, 0
+        return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)  # mapped in float64 and clipped: rounding never leaves the bounds
+        if not self.identity:
+            action = np.clip(self.low + (action + 1) / 2 * (self.high - self.low), self.low, self.high)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
+        # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        done = terminated | truncated
+        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        ended = self.returns[done], self.lengths[done]
+        self.returns[done], self.lengths[done] = 0, 0
+        obs = self.final_obs = self.flatten(obs)
+        if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
+            self.final_obs = obs.copy()
+            self.final_obs[done] = np.stack(info["final_obs"][done])
+        return obs, reward, terminated, truncated, valid, ended
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
+    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
+    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
+    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    for _ in range(envs.max_episode_steps):
+        if frames is not None:
+            frames.append(envs.envs.render()[0])
+        obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
+        returns, done = returns + reward * ~done, done | terminated | truncated
+        if done.all():
+            break
+    envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
+    try:
+        if video_path is not None:  # EnvPool cannot render
+            evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
+            os.makedirs(os.path.dirname(video_path), exist_ok=True)
+            imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
+    except Exception as e:  # no OpenGL here: one line that names the fix
+        fail(f"--capture-video: cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}: "
+             f"{str(e)[:200]!r}); install EGL (libegl1) or OSMesa (libosmesa6, with MUJOCO_GL=osmesa)")
+    return float(returns.mean()), float(returns.std())
+
+
+def save_checkpoint(path, args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
+    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
+                  "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+    torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded without running code from it (weights_only); others are refused."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
+    if script != os.path.basename(__file__):
+        fail(f"checkpoint {path!r} was written by {script}, not by {os.path.basename(__file__)}")
+    return checkpoint
+
+
+def restore(checkpoint, modules):
+    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+    return checkpoint["loop"]
+
+
+def crossed(global_step, steps, every):
+    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
+    return global_step // every > (global_step - steps) // every
+
+
+def log_scalars(writer, scalars, global_step):
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, global_step)
+
+
+def log_episodes(writer, ended, step, train_return):
+    """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
+    if len(ended[0]):
+        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean()) if len(ended[0]) else train_return
+
+
+def finite_means(stats, where):
+    """Means of `stats`, [{name: 0-d tensor}], in one copy to the host; a non-finite loss exits 1, saying `where(i)`."""
+    names = list(stats[0])
+    values = torch.stack([torch.stack([entry[name].detach() for name in names]) for entry in stats]).cpu()
+    bad = (~torch.isfinite(values[:, [name.endswith("loss") for name in names]])).any(1).nonzero()
+    if len(bad):
+        print(f"error: non-finite loss {where(int(bad[0]))}; stopping", file=sys.stderr)
+        sys.exit(1)
+    return dict(zip(names, values.mean(0).tolist()))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -9,7 +9,7 @@ phases and a re-initialization:
     replay buffer), and `fit_decoder` trains a new diffusion g from the fixed prior N(0, I) (Eq. 4).
   Stage-wise re-initialization: actor, critics and replay buffer restart (`make_sac`), the actor at the prior
     (`actor_at_prior`), since a z stored under the old decoder means another action.
-The code between the `# ---- shared skeleton` and `# ---- GoRL ----` lines is the same in every script;
+The code above the `# ---- plumbing` line is the whole algorithm; below it, the same plumbing in every script.
 `diff sac_gaussian.py gorl_sac_diff.py` shows what GoRL adds to SAC.
 
     python gorl_sac_diff.py --env-id Hopper-v5    # the paper's setting; the README has CPU-sized commands
@@ -18,8 +18,7 @@ import copy
 import difflib
 import logging
 import os
-import random
-import subprocess
+import shutil
 import sys
 import time
 import types
@@ -27,18 +26,25 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
-# the same cores slow each other down about 10x (README: Performance). Set before PyTorch loads OpenMP.
+# the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 import gymnasium as gym
+import imageio.v2 as imageio
 import numpy as np
+import psutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
+
+try:  # EnvPool: the envs on a C++ thread pool; where it has no wheel (README), dm_control runs every task
+    import envpool
+except ImportError:
+    envpool = None
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, deterministic kernels on CUDA where PyTorch has them (a warning names any op without one)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     threads: int = 0
@@ -60,23 +66,20 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, render one episode per evaluation (env 0's seed) through dm_control, on either backend, to `videos/*.mp4`"""
+    """if toggled, render env 0's episode of every evaluation through dm_control (either backend) to `videos/`"""
     save_model: bool = False
     """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run), at the end and after
-    every refit"""
+    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
     resume: Optional[str] = None
-    """if set, continue the run saved in this checkpoint, with its settings, RNGs, env states (dm_control backend) and
-    log dir"""
+    """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
     env_id: str = "Hopper-v5"
     """DMC task in the paper's CamelCase (`HopperStand`, `CheetahRun`, ...) or a Gymnasium id (`Hopper-v5`)"""
     env_backend: Literal["auto", "envpool", "dm_control"] = "auto"
-    """`envpool` (C++ thread pool), `dm_control` (Python envs, via shimmy for DMC, in a Gymnasium vector env), or `auto`:
-    envpool when it has the task"""
+    """`envpool` (C++ thread pool), `dm_control` (Python envs; DMC through shimmy), or `auto`: envpool when it has the task"""
     total_timesteps: int = 4_000_000
     """total environment steps of training (evaluation steps are not counted)"""
     num_envs: int = 1
@@ -109,10 +112,9 @@ class Args:
     """the number of evaluation episodes, one per fresh environment"""
 
     stage_weights: Tuple[float, ...] = (2, 1, 1)
-    """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); one decoder refit between
-    stages"""
+    """relative env-step budgets of the stages: 2 1 1 of 4M gives 2M/1M/1M (paper App. F.2); a decoder refit between"""
     beta: float = 1e-3
-    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value, or one per stage (the last repeats)"""
+    """coefficient of the KL-to-prior penalty in the actor loss (paper Eq. 3)"""
     refine_episodes: int = 100
     """full episodes collected by the stage's actor to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 10
@@ -132,374 +134,40 @@ class Args:
     decoder_hidden: int = 64
     """the width of the decoder's 4 hidden layers"""
 
-
-# ---- shared skeleton: identical in every script; skip on a first read ----
-def fail(message):
-    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def dmc_task_ids():
-    """The paper's CamelCase names built from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
-    from dm_control import suite
-
-    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
-
-
-def resolve_backend(env_id, backend):
-    """Checks the task exists and returns the backend that will run it (envpool when `auto` and it has the task)."""
-    dmc = dmc_task_ids()
-    if env_id not in dmc and env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(dmc) + list(gym.registry), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"
-        fail(f"unknown --env-id {env_id!r}; {hint}")
-    try:
-        import envpool  # noqa: F401
-    except ImportError:
-        envpool = None
-    has_task = envpool is not None and VecEnv.envpool_id(env_id) is not None
-    if backend == "envpool" and envpool is None:
-        fail(f"--env-backend envpool: envpool is not installed ({envpool_hint()})")
-    if backend == "envpool" and not has_task:
-        fail(f"--env-backend envpool: envpool has no task {env_id!r}; use --env-backend dm_control")
-    if backend == "auto":  # one line, so a slow dm_control run is never a silent surprise
-        backend = "envpool" if has_task else "dm_control"
-        why = (f"it has the task ({VecEnv.envpool_id(env_id)})" if has_task else
-               f"envpool has no task {env_id!r}" if envpool is not None else f"envpool is not installed ({envpool_hint()})")
-        print(f"backend auto -> {backend}: {why}")
-    if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
-        fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
-    if backend == "dm_control" and dmc.get(env_id) == ("quadruped", "escape") and os.environ.get("MUJOCO_GL") == "disable":
-        fail("QuadrupedEscape on dm_control uploads its terrain to an OpenGL context at every reset: set MUJOCO_GL=egl "
-             "(or osmesa), or use envpool")
-    return backend
+    def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
+        check_args(self, positive="""total_timesteps num_envs buffer_size batch_size policy_lr q_lr utd_ratio
+                   policy_frequency eval_every num_eval_envs checkpoint_every""", non_negative="threads learning_starts alpha",
+                   unit="gamma tau")
+        if self.total_timesteps < self.num_envs or self.total_timesteps <= self.learning_starts:
+            fail(f"--total-timesteps {self.total_timesteps} leaves no learning: it must exceed --learning-starts "
+                 f"({self.learning_starts}) and be at least --num-envs ({self.num_envs})")
+        check_args(self, positive="""stage_weights refine_episodes refine_num_envs decoder_epochs decoder_batch_size
+                   decoder_lr decoder_hidden""", non_negative="beta decoder_steps target_clip")  # GoRL's own
+        if not self.stage_weights or len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
+            fail(f"--stage-weights takes values, --refine-episodes at least 2 and --refine-num-envs ({self.refine_num_envs})")
+        if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) <= self.learning_starts:
+            fail(f"each stage of --total-timesteps {self.total_timesteps} needs more than --learning-starts steps")
 
 
-def envpool_hint():
-    """How to get EnvPool (requirements.txt pins the version; its wheels cover these platforms)."""
-    return ("pip install envpool==1.2.5: wheels for CPython 3.11-3.14 on Linux x86_64 and aarch64, macOS arm64 and "
-            "Windows x86_64; elsewhere only dm_control runs")
+# ---- the algorithm: the networks, the observation normalizer and the losses ----
+def layer_init(layer):
+    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
+    bound = np.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
-def render_backend(capture_video):
-    """The MUJOCO_GL value for this run: `disable` (or the user's choice) without video; with --capture-video the first
-    of the user's choice, EGL and OSMesa that renders a frame. Each is tried in a subprocess, since PyOpenGL binds its
-    platform at the first import and cannot switch in this process after a failure."""
-    if not capture_video:
-        return os.environ.get("MUJOCO_GL", "disable")
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        fail("--capture-video writes mp4 through imageio-ffmpeg: pip install imageio==2.38.1 imageio-ffmpeg==0.6.0")
-    probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
-    choices = [gl for gl in [os.environ.get("MUJOCO_GL"), "egl", "osmesa"] if gl not in (None, "disable")]
-    for gl in dict.fromkeys(choices):
-        probe_run = subprocess.run(
-            [sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl), capture_output=True, timeout=120
-        )
-        if probe_run.returncode == 0:
-            return gl
-    fail(f"--capture-video: no OpenGL backend renders here (tried MUJOCO_GL={', '.join(dict.fromkeys(choices))}); "
-         "install EGL (libegl1) or OSMesa (libosmesa6)")
-
-
-def memory_available():
-    """Bytes this process can still allocate, or None where not measurable (no /proc: macOS, Windows):
-    MemAvailable, capped by a cgroup's limit minus its usage (v2, else v1). GORL_MEMORY_LIMIT_BYTES, when set,
-    replaces the measurement (tests fake a small machine with it)."""
-    if os.environ.get("GORL_MEMORY_LIMIT_BYTES"):
-        return int(os.environ["GORL_MEMORY_LIMIT_BYTES"])
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit_file, usage_file in [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]:
-        try:
-            with open(limit_file) as f, open(usage_file) as g:
-                limit, usage = f.read().strip(), int(g.read())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # v1 reports "no limit" as a huge number, v2 as "max"
-            available = min(available, int(limit) - usage)
-        break
-    return available
-
-
-def resident_bytes():
-    """This process's resident memory (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def check_resources(args, backend):
-    """Refuses with one line a run whose environments cannot fit in memory, and says when dm_control will be slow.
-
-    An env's memory is mostly MuJoCo's per-env model and data arena (HopperStand: 12.5 MB on either backend; DogRun
-    76 MB on dm_control, 106 MB on EnvPool), so it is measured: the resident memory a few envs of this task and
-    backend add. The peak holds the training envs plus the larger of the evaluation and GoRL refinement envs."""
-    available = memory_available()
-    others = max(args.num_eval_envs, getattr(args, "refine_num_envs", 0))
-    # Building a few DMC envs takes seconds, so small runs skip the probe when 256 MiB per env (over twice the largest
-    # measured, DogRun on EnvPool) fits anyway.
-    if args.num_envs <= 64 and (available is None or (args.num_envs + others) * 2**28 <= 0.9 * available):
-        return
-    probes, probe_steps = 8, 10  # fewer envs overstate: a pool's own fixed cost (EnvPool: ~40 MB) is shared by fewer
-    warm = VecEnv(args.env_id, backend, 1, args.seed)  # one-time costs (imports, EnvPool's thread pool, assets)
-    warm.reset()
-    before = resident_bytes()
-    sample = VecEnv(args.env_id, backend, probes, args.seed)
-    sample.reset()
-    start = time.time()
-    for _ in range(probe_steps):
-        sample.step(np.zeros((probes, sample.action_dim)))
-    steps_per_second = probes * probe_steps / max(time.time() - start, 1e-9)
-    per_env = None if before is None else max(resident_bytes() - before, 0) / probes
-    sample.close()
-    warm.close()
-    need = None if per_env is None else per_env * (args.num_envs + others)
-    # a tenth for the rollout storage, the networks and the allocator's slack
-    if need is None or available is None or need <= 0.9 * available:
-        if backend == "dm_control" and args.num_envs > 64:
-            hours = args.total_timesteps / steps_per_second / 3600
-            print(f"note: dm_control steps its {args.num_envs} envs one after another in this process: about "
-                  f"{steps_per_second:,.0f} env steps/s measured here, so --total-timesteps {args.total_timesteps:,} takes "
-                  f"about {hours:,.1f} h of env stepping alone; EnvPool steps them on a C++ thread pool: {envpool_hint()}")
-        return
-    fits = int(0.9 * available / per_env) - others
-    if hasattr(args, "num_minibatches"):  # every env contributes whole segments: a divisor of the iteration's segments
-        segments = args.batch_size * args.num_minibatches
-        fits = max([n for n in range(1, min(fits, segments) + 1) if segments % n == 0], default=0)
-        layout = (f"; an iteration keeps its {segments} segments of {args.unroll_length} steps, as {segments // max(fits, 1)} "
-                  f"unrolls of {fits} envs instead of {segments // args.num_envs} of {args.num_envs}")
-    else:
-        layout = ""
-    suggestion = (f"--num-envs {fits} fits{layout}" if fits > 0 else
-                  f"even one training env does not fit beside {others} evaluation/refinement envs: lower --num-eval-envs")
-    fail(f"{args.num_envs} training + {others} evaluation/refinement envs of {args.env_id} on {backend} need about "
-         f"{need / 2**30:.1f} GiB ({per_env / 2**20:.1f} MiB each, measured), more than the {available / 2**30:.1f} GiB "
-         f"available; {suggestion}")
-
-
-class VecEnv:
-    """`num_envs` copies of one task behind one small interface, for either backend.
-
-    Observations come out as flat float32 arrays (dict entries concatenated in sorted key order, the same
-    entries and sizes on both backends); actions go in as [-1, 1] (the policy's tanh) and are mapped to the env's
-    bounds where those are finite and sensible (identity on unbounded actuators such as LQR's +-1e10). Every
-    episode ends within `max_episode_steps` steps (1000 for every DMC task on both backends; for a Gymnasium id
-    the limit of the env that runs it: Gymnasium's registered one, or EnvPool's). `step` also returns `valid`:
-    False on EnvPool's reset step, the step after an episode end whose action is ignored and whose reward belongs
-    to no episode, so it must not be trained on (README: Tasks). After a step, `final_obs` is the returned obs except
-    where an episode just ended: there it is the observation the episode ended in (what an off-policy target
-    bootstraps from at a time limit), not the next episode's first one.
-    """
-
-    dmc_observation_keys = {}  # (domain, task) -> dm_control's observation entries, read once per process
-
-    def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc = dmc_task_ids()
-        self.backend, self.num_envs, self.seed, self.obs_keys = backend, num_envs, seed, None
-        if backend == "envpool":
-            import envpool
-
-            self.envs = envpool.make(self.envpool_id(env_id), env_type="gymnasium", num_envs=num_envs, seed=seed)
-            action_space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
-            if env_id in dmc:
-                # EnvPool pads some tasks with the all-zero entries of a sibling task (HumanoidStand: `position`,
-                # FingerSpin: `target_position`, `dist_to_target`; FishUpright: `target`; Dog*: `ball_state`,
-                # `target_position`); only dm_control's own entries are kept, so both backends observe the same.
-                if dmc[env_id] not in VecEnv.dmc_observation_keys:
-                    from dm_control import suite
-
-                    env = suite.load(*dmc[env_id])
-                    VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(env.observation_spec())
-                    env.close()
-                self.obs_keys = VecEnv.dmc_observation_keys[dmc[env_id]]
-        else:
-            name, kwargs = env_id, {}
-            if env_id in dmc:
-                import shimmy
-
-                gym.register_envs(shimmy)
-                # dm_control's LQR tasks never end; EnvPool cuts every DMC task at 1000 steps, and so does this TimeLimit.
-                name, kwargs = "dm_control/{}-{}-v0".format(*dmc[env_id]), {"max_episode_steps": 1000}
-            self.max_episode_steps = kwargs.get("max_episode_steps", gym.spec(name).max_episode_steps)
-
-            def thunk(i):
-                def make():
-                    return gym.make(name, render_mode="rgb_array" if render and i == 0 else None, **kwargs)
-
-                return make
-
-            # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation.
-            self.envs = gym.vector.SyncVectorEnv(
-                [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-            )
-            action_space = self.envs.single_action_space
-            if env_id in dmc:  # dm_control's own entries, for an EnvPool VecEnv of the same task in this process
-                VecEnv.dmc_observation_keys[dmc[env_id]] = sorted(self.envs.single_observation_space.keys())
-        if not isinstance(action_space, gym.spaces.Box):
-            fail(f"--env-id {env_id!r} has {type(action_space).__name__} actions; these scripts need continuous (Box) actions")
-        self.action_dim = int(np.prod(action_space.shape))
-        # [-1, 1] is mapped onto [action_low, action_high] only in the dims whose bounds are finite and sensible;
-        # the others (unbounded actuators: LQR's +-1e10) get the policy's action as is.
-        low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
-        self.action_bounded = (np.abs(low) < 1e6) & (np.abs(high) < 1e6) & (low < high)
-        self.action_low, self.action_high = np.where(self.action_bounded, low, -1.0), np.where(self.action_bounded, high, 1.0)
-        self.action_identity = bool(np.all(self.action_low == -1.0) and np.all(self.action_high == 1.0))
-        self.episode_return = np.zeros(num_envs)
-        self.episode_length = np.zeros(num_envs, dtype=np.int64)
-        self.step_time = 0.0  # seconds spent inside the backend's step, for the perf/ shares
-
-    @staticmethod
-    def envpool_id(env_id):
-        """EnvPool's id for one of our tasks, or None when it has none (or is not installed). DMC tasks are
-        `{id}-v1` matched case-insensitively: dm_control's domain humanoid_CMU is our HumanoidCmu, EnvPool's HumanoidCMU."""
-        try:
-            import envpool
-        except ImportError:
-            return None
-        if env_id not in dmc_task_ids():
-            return env_id if env_id in envpool.list_all_envs() else None
-        matches = [i for i in envpool.list_all_envs() if i.lower() == f"{env_id}-v1".lower()]
-        return matches[0] if len(matches) == 1 else None
-
-    @staticmethod
-    def flatten(obs, keys=None):
-        """Dict entries `keys` (default: all, sorted) concatenated into one float32 row per env."""
-        if isinstance(obs, dict):
-            obs = np.concatenate(
-                [np.asarray(obs[k]).reshape(len(np.asarray(obs[k])), -1) for k in (sorted(obs) if keys is None else keys)],
-                axis=1,
-            )
-        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
-
-    def reset(self):
-        if self.backend == "envpool":
-            obs, _ = self.envs.reset()
-        else:
-            obs, _ = self.envs.reset(seed=[self.seed + i for i in range(self.num_envs)])
-        self.episode_return[:], self.episode_length[:] = 0, 0
-        return self.flatten(obs, self.obs_keys)
-
-    def step(self, action):
-        """Returns obs, reward, terminated, truncated, valid and the returns and lengths of episodes that just ended."""
-        start = time.time()
-        obs, reward, terminated, truncated, info = self.envs.step(self.scale_action(action))
-        self.step_time += time.time() - start
-        # EnvPool reports truncated = (elapsed_step >= its max_episode_steps) and terminated = done & ~truncated, so
-        # a termination on the time-limit step comes out as a truncation only (it cannot report both); Gymnasium's
-        # TimeLimit reports both flags there, and the loops' `learnable` masks keep such a step a termination. DMC tasks never
-        # terminate: both backends truncate them at step 1000.
-        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward = np.asarray(reward, dtype=np.float32) * valid
-        done = np.logical_or(terminated, truncated)
-        self.episode_return += reward
-        self.episode_length += valid
-        ended = (self.episode_return[done].copy(), self.episode_length[done].copy())
-        self.episode_return[done], self.episode_length[done] = 0, 0
-        # EnvPool returns the final observation itself (its reset comes one step later); SAME_STEP autoreset
-        # returns the next episode's first observation and puts the final one in info.
-        obs = self.final_obs = self.flatten(obs, self.obs_keys)
-        if self.backend != "envpool" and done.any():
-            self.final_obs = obs.copy()
-            for i in np.flatnonzero(done):
-                last = info["final_obs"][i]
-                self.final_obs[i] = self.flatten(
-                    {k: np.asarray(v)[None] for k, v in last.items()} if isinstance(last, dict) else np.asarray(last)[None]
-                )[0]
-        return obs, reward, np.asarray(terminated), np.asarray(truncated), valid, ended
-
-    def scale_action(self, action):
-        """Maps the policy's [-1, 1] onto the actuator bounds (identity in the unbounded dims), in float64 and
-        clipped, so rounding never leaves the bounds (Quadruped's are +-0.8 and [-1, 1.1] in places)."""
-        action = np.asarray(action, dtype=np.float64)
-        if self.action_identity:  # every DMC task: bounds [-1, 1], nothing to map
-            return action
-        scaled = np.clip(
-            self.action_low + 0.5 * (action + 1.0) * (self.action_high - self.action_low), self.action_low, self.action_high
-        )
-        return np.where(self.action_bounded, scaled, action)
-
-    # Model entries that DMC tasks rewrite when an episode starts (Reacher's and Swimmer's targets, Finger's).
-    episode_model_fields = "body_pos body_quat geom_pos geom_quat geom_size geom_rgba site_pos site_quat".split()
-
-    def get_state(self):
-        """What the envs need to go on exactly where they are, as tensors and plain values; None on EnvPool, which
-        cannot export its envs (a resumed EnvPool run starts new episodes). Per env: MuJoCo's integration state, the
-        model entries above, the env's RNG, its step counters, and the running episode's return and length."""
-        if self.backend == "envpool":
-            return None
-        import mujoco
-
-        states = []
-        for env in self.envs.envs:
-            time_limit, inner, model, data = self.parts(env)
-            physics = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
-            mujoco.mj_getState(model, data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
-            rng = inner.np_random  # dm_control's RandomState through shimmy, a Generator for Gymnasium's envs
-            rng = rng.bit_generator.state if isinstance(rng, np.random.Generator) else mt19937_state(rng.get_state())
-            dmc_env = getattr(inner, "_env", None)
-            states.append({"physics": torch.from_numpy(physics), "rng": rng, "elapsed": time_limit._elapsed_steps,
-                           "dmc_steps": (dmc_env._step_count, dmc_env._reset_next_step) if dmc_env is not None else None,
-                           "model": {k: torch.from_numpy(getattr(model, k).copy()) for k in self.episode_model_fields}})
-        return {
-            "envs": states,
-            "episode_return": torch.from_numpy(self.episode_return),
-            "episode_length": torch.from_numpy(self.episode_length),
-        }
-
-    def set_state(self, state):
-        """Restores `get_state()`'s result on envs of the same task and number (nothing on EnvPool)."""
-        if state is None or self.backend == "envpool":
-            return
-        import mujoco
-
-        for env, saved in zip(self.envs.envs, state["envs"]):
-            time_limit, inner, model, data = self.parts(env)
-            for k, v in saved["model"].items():
-                getattr(model, k)[:] = v.numpy()
-            mujoco.mj_setState(model, data, saved["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-            mujoco.mj_forward(model, data)  # the derived quantities a step starts from (dm_control steps mj_step2 first)
-            if isinstance(inner.np_random, np.random.Generator):
-                inner.np_random.bit_generator.state = saved["rng"]
-            else:
-                inner.np_random.set_state(mt19937_state(saved["rng"]))
-            time_limit._elapsed_steps = saved["elapsed"]
-            if saved["dmc_steps"] is not None:
-                inner._env._step_count, inner._env._reset_next_step = saved["dmc_steps"]
-        self.episode_return[:], self.episode_length[:] = state["episode_return"].numpy(), state["episode_length"].numpy()
-
-    @staticmethod
-    def parts(env):
-        """A Gymnasium env's TimeLimit wrapper, its innermost env and the MuJoCo model and data that env steps."""
-        time_limit = env
-        while not isinstance(time_limit, gym.wrappers.TimeLimit):
-            time_limit = time_limit.env
-        inner = env.unwrapped
-        if hasattr(inner, "_env"):  # shimmy around a dm_control Environment
-            return time_limit, inner, inner._env.physics.model.ptr, inner._env.physics.data.ptr
-        return time_limit, inner, inner.model, inner.data
-
-    def render(self):
-        """Env 0's current frame (dm_control backend made with render=True)."""
-        return self.envs.envs[0].render()
-
-    def close(self):
-        self.envs.close()
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
 
 
 class RunningMeanStd(nn.Module):
-    """Observation normalizer: running mean and (population) variance, merged batch by batch (Chan et al.'s
-    parallel Welford update), so merging k batches equals one pass over all of them. Buffers, so a checkpoint
-    carries them. float64 keeps the merge exact over hundreds of millions of samples."""
+    """Observation normalizer: running mean and variance merged batch by batch (Chan et al.'s parallel Welford update:
+    k merges equal one pass over all), in float64 buffers, so it stays exact over 1e8 samples and checkpoints carry it."""
 
     def __init__(self, shape):
         super().__init__()
@@ -513,9 +181,8 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def update(self, x, accumulate=True):
-        """`accumulate=False` is upstream FPO's normalizer (418c255, playground/src/flow_policy/math_utils.py,
-        `RunningStats.update`; the GoRL release's `legacy_batch_only`): the sum of squares keeps only this batch's
-        sum((x - old mean)(x - new mean)) while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
+        """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
+        sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
@@ -537,237 +204,10 @@ class RunningMeanStd(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
-def layer_init(layer):
-    """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
-    bound = np.sqrt(3.0 / layer.in_features)
-    nn.init.uniform_(layer.weight, -bound, bound)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [layer_init(nn.Linear(sizes[i], sizes[i + 1])), nn.SiLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
-
-
-@torch.no_grad()
-def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None):
-    """One full episode on each of `num_envs` fresh environments, always the same seeds, so evaluations are
-    comparable across a run and a reloaded checkpoint gives the same return. `policy` maps raw observations
-    to actions in [-1, 1]. Episodes end within the task's time limit, and so does this loop. Returns (mean, std)
-    of the episode returns. With `video_path`, one more episode with env 0's seed is rendered through dm_control
-    (EnvPool does not render), whatever the backend, and written there as mp4; on dm_control it is env 0's episode."""
-    envs = VecEnv(env_id, backend, num_envs, seed)
-    obs = envs.reset()
-    returns, done = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
-    for _ in range(envs.max_episode_steps):
-        action = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
-        obs, reward, terminated, truncated, valid, _ = envs.step(action)
-        returns += reward * ~done
-        done |= terminated | truncated
-        if done.all():
-            break
-    envs.close()
-    if video_path is not None:
-        import imageio.v2 as imageio
-
-        env = VecEnv(env_id, "dm_control", 1, seed, render=True)
-        obs, frames = env.reset(), [env.render()]
-        for _ in range(env.max_episode_steps):
-            obs, _, terminated, truncated, _, _ = env.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-            if terminated[0] or truncated[0]:  # the env has already reset: its frame is the next episode's start
-                break
-            frames.append(env.render())
-        fps = env.envs.envs[0].metadata.get("render_fps") or 30
-        env.close()  # frees the GL context now: at interpreter exit dm_control's EGL cleanup raises
-        os.makedirs(os.path.dirname(video_path) or ".", exist_ok=True)
-        imageio.mimwrite(video_path, frames, fps=fps, macro_block_size=1)
-    return float(returns.mean()), float(returns.std())
-
-
-def mt19937_state(state):
-    """NumPy's legacy RNG state tuple with its key array as a tensor, and back (checkpoints hold tensors, not arrays)."""
-    name, key, pos, has_gauss, gauss = state
-    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else torch.from_numpy(key.astype(np.int64))
-    return name, key, pos, has_gauss, gauss
-
-
-def rng_state():
-    """Every generator the run draws from: Python's, NumPy's, and PyTorch's on the CPU and each GPU."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": mt19937_state(np.random.get_state()), "torch": torch.get_rng_state(),
-            "cuda": cuda}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(mt19937_state(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, checkpoint):
-    """Writes a temporary file and renames it over `path`: a kill during the write leaves the previous checkpoint."""
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path):
-    """Loads a checkpoint written by this script, without running any code from it (weights_only: tensors and
-    plain values only), refusing a truncated file or one written by another script."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
-        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    script = os.path.basename(__file__)
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        writer = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
-        fail(f"checkpoint {path!r} was written by {writer}, not by {script}")
-    return checkpoint
-
-
-def resumed_args(args, checkpoint):
-    """The checkpoint's settings, for --resume. A flag given on the command line that changes the run (another
-    task, another batch layout) is refused; only the ones below may be given anew (the others keep the saved values)."""
-    may_differ = "resume checkpoint_every cuda track wandb_project_name wandb_entity capture_video save_model".split()
-    defaults, saved = vars(Args()), checkpoint["args"]
-    for name, value in vars(args).items():
-        if name not in may_differ and value != defaults[name] and value != saved[name]:
-            fail(f"--resume: checkpoint {args.resume!r} is a run with --{name.replace('_', '-')} {saved[name]}, not {value}")
-    return Args(**{**saved, **{name: getattr(args, name) for name in may_differ if getattr(args, name) != defaults[name]}})
-
-
-def make_checkpoint(args, backend, run_name, envs, next_obs, modules, loop):
-    """Everything a run needs to go on: the state_dict of every network, optimizer and normalizer in `modules`,
-    the loop's counters `loop` (plain values), the envs' state (dm_control) and observation, and every RNG."""
-    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name}
-    checkpoint.update(obs_dim=next_obs.shape[1], action_dim=envs.action_dim, envs=envs.get_state(), loop=loop)
-    checkpoint.update(next_obs=torch.from_numpy(next_obs))
-    return {**checkpoint, "rng": rng_state(), **{name: module.state_dict() for name, module in modules.items()}}
-
-
-def restore_checkpoint(checkpoint, envs, next_obs, modules):
-    """Loads `make_checkpoint`'s result into `modules` and the envs, sets every RNG, and returns the loop's counters
-    and the next observation (on EnvPool, the one of the new episodes `next_obs`)."""
-    for name, module in modules.items():
-        module.load_state_dict(checkpoint[name])
-    envs.set_state(checkpoint["envs"])
-    set_rng_state(checkpoint["rng"])
-    return checkpoint["loop"], next_obs if checkpoint["envs"] is None else checkpoint["next_obs"].numpy()
-
-
-def evaluate_checkpoint(path, capture_video, device, load_policy):
-    """--eval-checkpoint: the deterministic evaluation of a saved model on its own task and seeds, printed.
-    `load_policy(checkpoint, device)` rebuilds the script's networks and returns their evaluation policy."""
-    checkpoint = load_checkpoint(path)
-    saved = Args(**checkpoint["args"])
-    backend = resolve_backend(saved.env_id, checkpoint["backend"])
-    video_path = (
-        f"videos/{os.path.basename(os.path.dirname(os.path.abspath(path)))}/eval_checkpoint.mp4" if capture_video else None
-    )
-    policy = load_policy(checkpoint, device)
-    mean, std = evaluate(policy, saved.env_id, backend, saved.num_eval_envs, saved.seed + EVAL_SEED_OFFSET, device, video_path)
-    print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} "
-          f"({saved.num_eval_envs} episodes, {saved.env_id}, {backend})")
-    if video_path is not None:
-        print(f"video saved to {video_path}")
-
-
-def crossed(global_step, steps, every):
-    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
-    return global_step // every > (global_step - steps) // every
-
-
-def log_scalars(writer, scalars, global_step):
-    for name, value in scalars.items():
-        writer.add_scalar(name, value, global_step)
-
-
-def log_episodes(writer, ended, global_step, train_return):
-    """Logs the episodes that just ended, `ended` = (returns, lengths), and returns the latest training return."""
-    if len(ended[0]) == 0:
-        return train_return
-    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, global_step)
-    return float(ended[0].mean())
-
-
-def finite_means(stats, where):
-    """The means of the update's scalars, `stats` a list of {name: 0-d tensor}, in one device-to-host copy. A loss
-    that went non-finite stops the run with one line (exit code 1); `where(i)` says where the i-th entry was computed."""
-    names = list(stats[0])
-    with torch.no_grad():
-        values = torch.stack([torch.stack([entry[name] for name in names]) for entry in stats]).cpu()
-    bad = ~torch.isfinite(values[:, [name.endswith("loss") for name in names]]).all(1)
-    if bad.any():
-        print(f"error: non-finite loss {where(int(bad.nonzero()[0]))}; stopping", file=sys.stderr)
-        sys.exit(1)
-    return dict(zip(names, values.mean(0).tolist()))
-
-
-def check_args(args):
-    """Refuses impossible settings with one line before anything expensive starts. Each script has some of these
-    names; a GoRL script checks its baseline's settings and its own with the same code."""
-    positive = """total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs eval_every num_eval_envs
-        checkpoint_every learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
-        denoising_steps min_std buffer_size policy_frequency policy_lr q_lr utd_ratio stage_weights refine_episodes
-        refine_num_envs decoder_batch_size decoder_lr decoder_hidden""".split()
-    non_negative = """threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
-        decoder_steps target_clip""".split()
-    per_stage = ["beta", "encoder_reset", "obs_stats_accumulation", "obs_stats_timing"]  # one value, or one per stage
-    for name, value in vars(args).items():
-        flag = "--" + name.replace("_", "-")
-        values = [v for v in (value if isinstance(value, tuple) else [value]) if v is not None]
-        got = " ".join(map(str, values)) or "nothing"
-        if name in positive + non_negative and isinstance(value, tuple) and not value and name != "ent_coef_later":
-            fail(f"{flag} takes one or more values, got nothing")
-        if name in positive and not all(v > 0 for v in values):
-            fail(f"{flag} must be positive, got {got}")
-        if name in non_negative and not all(v >= 0 for v in values):
-            fail(f"{flag} must be non-negative, got {got}")
-        if name in ["gamma", "tau", "gamma_denoising"] and not 0 < value <= 1:
-            fail(f"{flag} must be in (0, 1], got {value}")
-        if name in per_stage and isinstance(value, tuple) and not 1 <= len(value) <= len(args.stage_weights):
-            fail(f"{flag} takes one value or one per stage ({len(args.stage_weights)} stages), got {got}")
-    if not 0 <= getattr(args, "gae_lambda", 0) <= 1:
-        fail(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if hasattr(args, "unroll_length"):  # PPO and its variants: whole segments per env, at least one iteration
-        segments, steps = args.batch_size * args.num_minibatches, args.batch_size * args.num_minibatches * args.unroll_length
-        if segments % args.num_envs != 0:
-            fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
-                 f"({args.num_envs}), so every env contributes whole segments")
-        if args.total_timesteps < steps:
-            fail(f"--total-timesteps {args.total_timesteps} is smaller than one iteration ({args.num_minibatches} "
-                 f"minibatches * {args.batch_size} segments * {args.unroll_length} steps = {steps})")
-    elif args.total_timesteps < args.num_envs or args.total_timesteps <= args.learning_starts:  # SAC
-        fail(f"--total-timesteps {args.total_timesteps} leaves no learning: it must exceed --learning-starts "
-             f"({args.learning_starts}) and be at least --num-envs ({args.num_envs})")
-    if hasattr(args, "stage_weights"):  # GoRL: a refit needs episodes, and every stage its own training
-        if args.decoder_steps == 0 and args.decoder_epochs <= 0:
-            fail(f"--decoder-epochs must be positive (or --decoder-steps set), got {args.decoder_epochs}")
-        if len(args.stage_weights) > 1 and args.refine_episodes < max(2, args.refine_num_envs):
-            fail(f"--refine-episodes {args.refine_episodes} is smaller than the refit batch: at least one episode per "
-                 f"refinement env (--refine-num-envs {args.refine_num_envs}) and 2 in all (one is held out)")
-        need, why = (steps, "one iteration") if hasattr(args, "unroll_length") else (args.learning_starts + 1, "SAC restarts")
-        smallest = min(int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights)
-        if smallest < need:
-            fail(f"--total-timesteps {args.total_timesteps} split by --stage-weights {' '.join(map(str, args.stage_weights))} "
-                 f"gives a stage of {smallest} steps; each needs at least {need} ({why})")
-
-
-# ---- GoRL ----
-
-
 def kl_to_prior(dist, form="analytic"):
-    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample. `analytic` (the
-    paper): KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_d (mu^2 + sigma^2 - 1 - 2 log sigma). `release` (the released
-    code): mean_d mu^2 + mean_d sigma^2; with coefficient c it pulls each mean like the analytic KL with beta = 2c / D
-    (D latent dimensions), but pulls sigma toward 0 instead of 1."""
+    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample: `analytic` (the paper)
+    KL(N(mu, sigma^2) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), or the released code's mean_d mu^2 +
+    mean_d sigma^2 (with coefficient c, the analytic pull on the means at beta = 2c / D, but sigma pulled to 0, not 1)."""
     if form == "release":
         return (dist.mean**2).mean(-1) + (dist.scale**2).mean(-1)
     return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
@@ -817,11 +257,12 @@ def eval_policy(actor, obs_rms, decoder):
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_rms = RunningMeanStd(checkpoint["obs_dim"]).to(device)
+    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
-    actor = Actor(checkpoint["obs_dim"], checkpoint["action_dim"]).to(device)
+    actor = Actor(obs_dim, action_dim).to(device)
     actor.load_state_dict(checkpoint["actor"])
-    decoder = Decoder(checkpoint["obs_dim"], checkpoint["action_dim"], checkpoint["args"]["decoder_hidden"]).to(device)
+    decoder = Decoder(obs_dim, action_dim, checkpoint["args"]["decoder_hidden"]).to(device)
     decoder.load_state_dict(checkpoint["decoder"])
     return eval_policy(actor, obs_rms, decoder)
 
@@ -862,43 +303,36 @@ def make_sac(obs_dim, action_dim, args, device):
 
 
 class ReplayBuffer:
-    """Transitions in preallocated device tensors, the oldest overwritten first. Observations are stored raw and
-    normalized when sampled, with the current statistics."""
+    """Transitions as rows [obs, action, reward, next obs, done] of one preallocated device tensor, the oldest
+    overwritten first: one upload per add, one gather per sample. Observations are stored raw and normalized when
+    sampled, with the current statistics."""
 
     def __init__(self, size, obs_dim, action_dim, device):
-        self.obs, self.next_obs = torch.zeros((size, obs_dim), device=device), torch.zeros((size, obs_dim), device=device)
-        self.actions = torch.zeros((size, action_dim), device=device)
-        self.rewards, self.dones = torch.zeros(size, device=device), torch.zeros(size, device=device)
+        self.data = torch.zeros((size, 2 * obs_dim + action_dim + 2), device=device)
+        self.fields = [obs_dim, action_dim, 1, obs_dim, 1]
         self.pos, self.size = 0, 0
 
-    def add(self, obs, action, reward, next_obs, terminated, valid):
-        """Adds one vector step. Only valid steps are kept (not EnvPool's reset steps). `next_obs` must be the
-        observation each episode ended in (VecEnv.final_obs), and done = terminated: a time limit is not a
-        terminal state, so its target still bootstraps from that final observation."""
-        keep = torch.as_tensor(valid, device=obs.device)
-        idx = (self.pos + torch.arange(int(valid.sum()), device=obs.device)) % len(self.obs)
-        self.obs[idx], self.actions[idx] = obs[keep], action[keep]
-        self.next_obs[idx] = torch.as_tensor(next_obs, device=obs.device)[keep]
-        self.rewards[idx] = torch.as_tensor(reward, device=obs.device)[keep]
-        self.dones[idx] = torch.as_tensor(terminated, dtype=torch.float32, device=obs.device)[keep]
-        self.pos, self.size = (self.pos + len(idx)) % len(self.obs), min(self.size + len(idx), len(self.obs))
+    def add(self, obs, actions, rewards, next_obs, dones):
+        """Adds transitions given as numpy arrays, in one upload; returns their rows. `next_obs` must be the observation
+        each episode ended in (VecEnv.final_obs), and done = terminated: a time limit is not a terminal state, so its
+        target still bootstraps from that final observation."""
+        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, dones[:, None]], 1, dtype=np.float32)
+        rows = torch.as_tensor(rows, device=self.data.device)
+        self.data[(self.pos + torch.arange(len(rows), device=rows.device)) % len(self.data)] = rows
+        self.pos, self.size = (self.pos + len(rows)) % len(self.data), min(self.size + len(rows), len(self.data))
+        return rows
 
     def sample(self, batch_size):
-        idx = torch.randint(self.size, (batch_size,), device=self.obs.device)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+        batch = self.data[torch.randint(self.size, (batch_size,), device=self.data.device)]
+        obs, actions, rewards, next_obs, dones = batch.split(self.fields, 1)
+        return obs, actions, rewards[:, 0], next_obs, dones[:, 0]
 
     def state_dict(self):
-        """The filled part, for a checkpoint (a full buffer of 1M Hopper transitions is about 110 MB)."""
-        return {
-            "pos": self.pos,
-            "size": self.size,
-            **{k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "rewards", "dones")},
-        }
+        """The filled rows only, copied out of the storage (a full buffer of 1M Hopper transitions is about 110 MB)."""
+        return {"pos": self.pos, "size": self.size, "data": self.data[: self.size].clone()}
 
     def load_state_dict(self, state):
-        for k in ("obs", "next_obs", "actions", "rewards", "dones"):
-            getattr(self, k)[: state["size"]] = state[k]
-        self.pos, self.size = state["pos"], state["size"]
+        self.data[: state["size"]], self.pos, self.size = state["data"], state["pos"], state["size"]
 
 
 def soft_update(target, online, tau):
@@ -1015,9 +449,8 @@ class Decoder(nn.Module):
 
 @torch.no_grad()
 def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_episodes, seed, device):
-    """Runs the stage's encoder through the stage's decoder until `num_episodes` episodes have ended; `sample_z` maps
-    raw observations to sampled latents (not the mean). Returns (obs, pre-tanh action, z, episode id) of the valid
-    steps of ended episodes, the ended episodes' returns, and the env steps taken."""
+    """Runs the stage's encoder (`sample_z`: raw obs -> sampled latent) through its decoder until `num_episodes` episodes
+    ended. Returns (obs, pre-tanh action, z, episode id) of their valid steps, their returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
     episode, next_episode = np.arange(num_envs), num_envs
@@ -1043,12 +476,10 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
 
 
 def fit_decoder(data, args, device):
-    """Trains a new decoder from scratch on the refinement data (paper Eq. 4). Its inputs are fresh prior noise
-    eps ~ N(0, I) for every sample, never the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1).
-    SAMPLES_PER_ACTION (noise, t) samples per action; targets are the pre-tanh actions clipped to +-`--target-clip`.
-    10% of the episodes are held out, and the decoder with the lowest validation loss (fixed noise) is kept.
-    `--decoder-epochs` passes over the training split, or `--decoder-steps` Adam steps on minibatches drawn with
-    replacement (the release's 50,000), validating once per epoch or every 2% of the steps.
+    """Trains a new decoder from scratch on the refinement data (paper Eq. 4) from fresh prior noise eps ~ N(0, I), never
+    the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1), SAMPLES_PER_ACTION samples per action, to
+    the pre-tanh actions clipped to +-`--target-clip`. 10% of the episodes are held out; the decoder with the lowest
+    validation loss (fixed noise), checked every epoch (or 2% of `--decoder-steps` steps with replacement), is kept.
     Returns (decoder, mean train loss since the last validation, best validation loss)."""
     obs, action, z, episode_id = data
     if args.target_clip > 0:
@@ -1100,48 +531,16 @@ def fit_decoder(data, args, device):
     return decoder, train_loss, best_val
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
-    args = resumed_args(args, checkpoint) if checkpoint is not None else args
-    os.environ["MUJOCO_GL"] = render_backend(args.capture_video)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
-    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
-    rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
-
-    if args.eval_checkpoint is not None:
-        evaluate_checkpoint(args.eval_checkpoint, args.capture_video, device, load_policy)
-        sys.exit(0)
-
-    check_args(args)
-    backend = resolve_backend(args.env_id, args.env_backend if checkpoint is None else checkpoint["backend"])
-    check_resources(args, backend)
+def main(args):
+    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     N = args.num_envs
     stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // N * N for w in args.stage_weights]
     num_steps, stage_ends = sum(stage_steps) // N, list(np.cumsum(stage_steps) // N)
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
-    # A resumed run writes on in the same directory; tensorboard drops what the killed run logged after its checkpoint.
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("backend", backend)
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
-          f"{args.utd_ratio * args.num_envs:g} updates per step, stages of {stage_steps} steps")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+          f"{args.utd_ratio * args.num_envs:g} updates per step")
+    torch.set_num_threads(args.threads or torch.get_num_threads())  # the updates dominate; one env step between them
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
@@ -1154,8 +553,7 @@ if __name__ == "__main__":
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        seed = args.seed + EVAL_SEED_OFFSET
-        policy = eval_policy(sac.actor, obs_rms, decoder)
+        policy, seed = eval_policy(sac.actor, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
@@ -1174,16 +572,15 @@ if __name__ == "__main__":
     if checkpoint is None:
         eval_return = eval_and_log(0)
     else:
-        loop, next_obs = restore_checkpoint(checkpoint, envs, next_obs, run_modules())
+        loop = restore(checkpoint, run_modules())
         step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (loop[k] for k in (
             "step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
         stage, stage_start, refine_steps, decoders = (loop[k] for k in ("stage", "stage_start", "refine_steps", "decoders"))
-    torch.set_num_threads(update_threads)  # the updates dominate; one env step between them
     step_start = time.time()
     for step in range(step + 1, num_steps + 1):
-        obs = torch.as_tensor(next_obs, device=device)
+        obs, obs_host = torch.as_tensor(next_obs, device=device), next_obs
         if global_step - stage_start < args.learning_starts:  # every stage starts with an empty buffer
             action = torch.randn((N, action_dim), device=device)  # random latents: the prior N(0, I)
         else:
@@ -1191,13 +588,14 @@ if __name__ == "__main__":
                 action = sac.actor.get_action(obs_rms(obs))[0]
         with torch.no_grad():  # Phase 1: SAC's action is the latent z; the frozen decoder is part of the environment
             env_action = torch.tanh(decoder(obs, action))
-        next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
+        action, env_action = torch.stack([action, env_action]).cpu().numpy()  # the step's one copy to the host
+        next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action)
         global_step += N
         train_return = log_episodes(writer, ended, global_step, train_return)
 
-        rb.add(obs, action, reward, envs.final_obs, terminated, valid)
-        if valid.any():
-            obs_rms.update(obs[torch.as_tensor(valid, device=device)])
+        if valid.any():  # EnvPool's reset steps are not stored
+            rows = rb.add(obs_host[valid], action[valid], reward[valid], envs.final_obs[valid], terminated[valid])
+            obs_rms.update(rows[:, :obs_dim])
 
         if global_step - stage_start >= args.learning_starts:
             # utd_ratio * N updates on average (a fractional ratio rounds per step)
@@ -1257,14 +655,268 @@ if __name__ == "__main__":
             next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
             loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time,
                     "eval_return": eval_return, "train_return": train_return, "next_eval": next_eval,
-                    "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(),
-                    "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps, "decoders": decoders}
-            save_checkpoint(checkpoint_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
+                    "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(), "obs_dim": obs_dim,
+                    "action_dim": action_dim, "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps,
+                    "decoders": decoders}
+            save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        save_checkpoint(model_path, make_checkpoint(args, backend, run_name, envs, next_obs, run_modules(), loop))
-        print(f"model saved to {model_path}")
+    if args.save_model:  # the final checkpoint is the model
+        shutil.copyfile(checkpoint_path, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
+        print(f"model saved to runs/{run_name}/{args.exp_name}.cleanrl_model")
     envs.close()
     writer.close()
+
+
+# ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
+EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
+
+
+def fail(message):
+    """Bad input ends the run with one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args, positive="", non_negative="", unit=""):
+    """Refuses a flag named in `positive`, `non_negative` or `unit` (in (0, 1]) when one of its values is out of range."""
+    for names, ok, what in [(positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
+                            (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
+        for name in names.split():
+            values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def setup(args, load_policy):
+    """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
+    checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
+    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
+        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
+            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
+        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
+    os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
+    torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.torch_deterministic and device.type == "cuda":  # the CPU kernels used here are deterministic already
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    backend = resolve_backend(args.env_id, checkpoint["backend"] if checkpoint else args.env_backend)
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.eval_checkpoint is not None:  # the saved model's deterministic evaluation, on its task and seeds
+        video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
+        mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
+                             args.seed + EVAL_SEED_OFFSET, device, video_path)
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
+        sys.exit(0)
+    check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
+    torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
+    # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
+    table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return args, checkpoint, backend, device, writer, run_name
+
+
+def dmc_task_ids():
+    """The paper's CamelCase names from dm_control's own task list: ('ball_in_cup', 'catch') -> 'BallInCupCatch'."""
+    from dm_control import suite
+    return {"".join(w.capitalize() for w in f"{d}_{t}".split("_")): (d, t) for d, t in suite.ALL_TASKS}
+
+
+def resolve_backend(env_id, backend):
+    """Checks that the task exists and returns the backend that runs it: `auto` is EnvPool when it has the task."""
+    dmc = dmc_task_ids()
+    if env_id not in dmc and env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, [*dmc, *gym.registry], n=3, cutoff=0.6)
+        fail(f"unknown --env-id {env_id!r}; " + (f"did you mean {', '.join(close)}?" if close else
+                                                 "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"))
+    pool_ids = {i.lower(): i for i in envpool.list_all_envs()} if envpool else {}  # DMC: `{id}-v1`, any case
+    pool_id = pool_ids.get((f"{env_id}-v1" if env_id in dmc else env_id).lower())
+    why = f"EnvPool has the task ({pool_id})" if pool_id else (f"EnvPool is not installed or has no task {env_id!r} (pip "
+                                                                "install envpool==1.2.5; CPython 3.11-3.14, Linux, macOS)")
+    if backend == "envpool" and pool_id is None:
+        fail(f"--env-backend envpool: {why}")
+    if backend == "auto":  # said in one line, so a slow dm_control run is never a silent surprise
+        backend = "envpool" if pool_id else "dm_control"
+        print(f"backend auto -> {backend}: {why}")
+    if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
+        fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
+    return backend
+
+
+def check_memory(args, backend, spare_envs):
+    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
+    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
+    if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
+        return
+    VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
+    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    probe.reset()
+    probe.step(np.zeros((8, probe.action_dim)))
+    per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
+    probe.close()
+    fits = int(0.9 * available / per_env) - spare_envs  # a tenth for the storage, the networks and slack
+    if args.num_envs > fits:
+        fits = 2 ** int(np.log2(fits)) if fits > 0 else 0  # a power of 2 divides PPO's layouts
+        fail(f"{args.num_envs} training + {spare_envs} evaluation/refinement envs of {args.env_id} on {backend} need about "
+             f"{(args.num_envs + spare_envs) * per_env / 2**30:.1f} GiB ({per_env / 2**20:.1f} MiB each, measured), more "
+             f"than the {available / 2**30:.1f} GiB free; " + (f"--num-envs {fits} fits" if fits else "lower --num-eval-envs"))
+
+
+class VecEnv:
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
+    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
+    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+
+    def __init__(self, env_id, backend, num_envs, seed, render=False):
+        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        if backend == "envpool":
+            pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
+            self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
+                from dm_control import suite
+                self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
+        else:  # dm_control through shimmy; DMC tasks never end on their own: cut at 1000 steps, as EnvPool does
+            import shimmy
+            gym.register_envs(shimmy)
+            name, limit = ("dm_control/{}-{}-v0".format(*dmc[env_id]), 1000) if env_id in dmc else (env_id, None)
+            # SAME_STEP autoreset: the step that ends an episode returns the next one's first observation, nothing is lost
+            self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                                     [gym.wrappers.FlattenObservation], max_episode_steps=limit,
+                                     render_mode="rgb_array" if render else None)
+            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
+        bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
+        self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
+        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
+        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+
+    def flatten(self, obs):
+        if isinstance(obs, dict):  # EnvPool's DMC tasks
+            obs = np.concatenate([np.asarray(obs[k]).reshape(self.num_envs, -1) for k in self.keys], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
+
+    def reset(self):
+        self.returns[:], self.lengths[:] = 0, 0
+        return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)  # mapped in float64 and clipped: rounding never leaves the bounds
+        if not self.identity:
+            action = np.clip(self.low + (action + 1) / 2 * (self.high - self.low), self.low, self.high)
+        obs, reward, terminated, truncated, info = self.envs.step(action)
+        # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
+        # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
+        valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
+        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        done = terminated | truncated
+        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        ended = self.returns[done], self.lengths[done]
+        self.returns[done], self.lengths[done] = 0, 0
+        obs = self.final_obs = self.flatten(obs)
+        if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
+            self.final_obs = obs.copy()
+            self.final_obs[done] = np.stack(info["final_obs"][done])
+        return obs, reward, terminated, truncated, valid, ended
+
+
+@torch.no_grad()
+def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
+    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
+    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
+    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    for _ in range(envs.max_episode_steps):
+        if frames is not None:
+            frames.append(envs.envs.render()[0])
+        obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
+        returns, done = returns + reward * ~done, done | terminated | truncated
+        if done.all():
+            break
+    envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
+    try:
+        if video_path is not None:  # EnvPool cannot render
+            evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
+            os.makedirs(os.path.dirname(video_path), exist_ok=True)
+            imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
+    except Exception as e:  # no OpenGL here: one line that names the fix
+        fail(f"--capture-video: cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}: "
+             f"{str(e)[:200]!r}); install EGL (libegl1) or OSMesa (libosmesa6, with MUJOCO_GL=osmesa)")
+    return float(returns.mean()), float(returns.std())
+
+
+def save_checkpoint(path, args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
+    checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
+                  "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+    torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded without running code from it (weights_only); others are refused."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
+    if script != os.path.basename(__file__):
+        fail(f"checkpoint {path!r} was written by {script}, not by {os.path.basename(__file__)}")
+    return checkpoint
+
+
+def restore(checkpoint, modules):
+    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+    return checkpoint["loop"]
+
+
+def crossed(global_step, steps, every):
+    """True when the last `steps` env steps passed a multiple of `every` (evaluation and checkpoint points)."""
+    return global_step // every > (global_step - steps) // every
+
+
+def log_scalars(writer, scalars, global_step):
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, global_step)
+
+
+def log_episodes(writer, ended, step, train_return):
+    """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
+    if len(ended[0]):
+        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean()) if len(ended[0]) else train_return
+
+
+def finite_means(stats, where):
+    """Means of `stats`, [{name: 0-d tensor}], in one copy to the host; a non-finite loss exits 1, saying `where(i)`."""
+    names = list(stats[0])
+    values = torch.stack([torch.stack([entry[name].detach() for name in names]) for entry in stats]).cpu()
+    bad = (~torch.isfinite(values[:, [name.endswith("loss") for name in names]])).any(1).nonzero()
+    if len(bad):
+        print(f"error: non-finite loss {where(int(bad[0]))}; stopping", file=sys.stderr)
+        sys.exit(1)
+    return dict(zip(names, values.mean(0).tolist()))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
