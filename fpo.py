@@ -7,6 +7,7 @@ The code above the `# ---- plumbing` line is the whole algorithm; below it, the 
     python fpo.py --env-id HopperStand    # the paper's scale; the README has CPU-sized commands
 """
 import difflib
+import importlib.util
 import logging
 import os
 import shutil
@@ -427,8 +428,8 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values):
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+            if not all(ok(v) for v in values) or getattr(args, name) == ():
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
 
 
 def setup(args, load_policy):
@@ -449,6 +450,12 @@ def setup(args, load_policy):
         torch.use_deterministic_algorithms(True, warn_only=True)
     backend = resolve_backend(args.env_id, checkpoint["backend"] if checkpoint else args.env_backend)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.capture_video:  # fail now, with one line, where OpenGL cannot render
+        import mujoco
+        try:
+            mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
+        except Exception:
+            fail(f"--capture-video: MUJOCO_GL={os.environ['MUJOCO_GL']} cannot render here: install EGL (libegl1) or osmesa")
     if args.eval_checkpoint is not None:  # the saved model's deterministic evaluation, on its task and seeds
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
@@ -457,11 +464,10 @@ def setup(args, load_policy):
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb: pip install wandb")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
+        wandb = importlib.import_module("wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
@@ -507,7 +513,6 @@ def check_memory(args, backend, spare_envs):
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
     before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
-    probe.step(np.zeros((8, probe.action_dim)))
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
     fits = int(0.9 * available / per_env) - spare_envs  # a tenth for the storage, the networks and slack
@@ -591,14 +596,10 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
-    try:
-        if video_path is not None:  # EnvPool cannot render
-            evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
-            os.makedirs(os.path.dirname(video_path), exist_ok=True)
-            imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
-    except Exception as e:  # no OpenGL here: one line that names the fix
-        fail(f"--capture-video: cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}: "
-             f"{str(e)[:200]!r}); install EGL (libegl1) or OSMesa (libosmesa6, with MUJOCO_GL=osmesa)")
+    if video_path is not None:  # EnvPool cannot render
+        evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
 
 

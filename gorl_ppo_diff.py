@@ -16,6 +16,7 @@ The code above the `# ---- plumbing` line is the whole algorithm; below it, the 
 """
 import copy
 import difflib
+import importlib.util
 import logging
 import os
 import shutil
@@ -105,7 +106,7 @@ class Args:
     """the surrogate clipping coefficient in stages 1, 2, ..."""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
-    ent_coef_later: Tuple[float, ...] = ()
+    ent_coef_later: Optional[Tuple[float, ...]] = None
     """the entropy coefficient in stages 1, 2, ...: one value or one per later stage (the last repeats); none: --ent-coef"""
     tanh_entropy_correction: bool = False
     """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
@@ -174,11 +175,10 @@ class Args:
         if self.total_timesteps < segments * self.unroll_length:
             fail(f"--total-timesteps {self.total_timesteps} is smaller than one iteration ({segments} segments of "
                  f"{self.unroll_length} steps = {segments * self.unroll_length})")
-        lengths = [len(v) for v in (self.stage_weights, self.beta, self.encoder_reset, self.learning_rate_later,
-                                    self.obs_stats_accumulation, self.obs_stats_timing)]
-        if min(lengths) == 0 or max(lengths) > lengths[0]:
-            fail(f"--stage-weights takes one or more values, and each per-stage flag one or one per stage ({lengths[0]})")
-        if lengths[0] > 1 and self.refine_episodes < max(2, self.refine_num_envs):
+        for name in "beta encoder_reset obs_stats_accumulation obs_stats_timing".split():
+            if not 1 <= len(getattr(self, name)) <= len(self.stage_weights):
+                fail(f"--{name.replace('_', '-')} takes one value or one per stage ({len(self.stage_weights)} stages)")
+        if len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
             fail(f"--refine-episodes must be at least 2 (one is held out) and --refine-num-envs ({self.refine_num_envs})")
         if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) < segments * self.unroll_length:
             fail(f"each stage of --total-timesteps {self.total_timesteps} needs 1 iteration ({segments * self.unroll_length})")
@@ -568,7 +568,7 @@ def main(args):
         iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
         clip_coef, beta = args.clip_coef if stage == 0 else args.clip_coef_later, per_stage(args.beta, stage)
-        ent_coef = args.ent_coef if stage == 0 or not args.ent_coef_later else per_stage(args.ent_coef_later, stage - 1)
+        ent_coef = args.ent_coef if stage == 0 or args.ent_coef_later is None else per_stage(args.ent_coef_later, stage - 1)
         max_grad_norm = args.max_grad_norm if stage == 0 or args.max_grad_norm_later is None else args.max_grad_norm_later
         accumulation, timing = per_stage(args.obs_stats_accumulation, stage), per_stage(args.obs_stats_timing, stage)
         for unroll in range(U):
@@ -709,8 +709,8 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values):
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+            if not all(ok(v) for v in values) or getattr(args, name) == ():
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
 
 
 def setup(args, load_policy):
@@ -731,6 +731,12 @@ def setup(args, load_policy):
         torch.use_deterministic_algorithms(True, warn_only=True)
     backend = resolve_backend(args.env_id, checkpoint["backend"] if checkpoint else args.env_backend)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.capture_video:  # fail now, with one line, where OpenGL cannot render
+        import mujoco
+        try:
+            mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
+        except Exception:
+            fail(f"--capture-video: MUJOCO_GL={os.environ['MUJOCO_GL']} cannot render here: install EGL (libegl1) or osmesa")
     if args.eval_checkpoint is not None:  # the saved model's deterministic evaluation, on its task and seeds
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
@@ -739,11 +745,10 @@ def setup(args, load_policy):
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb: pip install wandb")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
+        wandb = importlib.import_module("wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
@@ -789,7 +794,6 @@ def check_memory(args, backend, spare_envs):
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
     before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
-    probe.step(np.zeros((8, probe.action_dim)))
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
     fits = int(0.9 * available / per_env) - spare_envs  # a tenth for the storage, the networks and slack
@@ -873,14 +877,10 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
-    try:
-        if video_path is not None:  # EnvPool cannot render
-            evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
-            os.makedirs(os.path.dirname(video_path), exist_ok=True)
-            imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
-    except Exception as e:  # no OpenGL here: one line that names the fix
-        fail(f"--capture-video: cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}: "
-             f"{str(e)[:200]!r}); install EGL (libegl1) or OSMesa (libosmesa6, with MUJOCO_GL=osmesa)")
+    if video_path is not None:  # EnvPool cannot render
+        evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
 
 

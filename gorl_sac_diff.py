@@ -16,6 +16,7 @@ The code above the `# ---- plumbing` line is the whole algorithm; below it, the 
 """
 import copy
 import difflib
+import importlib.util
 import logging
 import os
 import shutil
@@ -106,6 +107,8 @@ class Args:
     """entropy regularization coefficient, when not --autotune"""
     autotune: bool = True
     """automatic tuning of the entropy coefficient (starting at 1, target entropy -action_dim)"""
+    compile: bool = True
+    """torch.compile the update (CUDA: as CUDA graphs); it compiles once, at the first update; --no-compile: eager"""
     eval_every: int = 100_000
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 10
@@ -214,16 +217,23 @@ def kl_to_prior(dist, form="analytic"):
 
 
 class SoftQNetwork(nn.Module):
-    """Q(s, u) on the normalized observation and tanh(u), a 256x256 SiLU MLP. It takes the actor's unsquashed u and
-    squashes it itself: SAC's Q(s, a = tanh(u)), and in GoRL a latent critic Q(s, z) with a bounded input (a plain
-    Q(s, z) extrapolates linearly in |z|, and its actor chased z to 1e7 within 3k updates)."""
+    """SAC's two critics Q1, Q2 as one batched network: two 256x256 SiLU MLPs, initialized as two separate ones, whose
+    layers' weights are stacked, so each layer is one batched matmul for both (LeanRL's batched critics). Q(s, u) on the
+    normalized observation and tanh(u): the critics squash the actor's u themselves, SAC's Q(s, a = tanh(u)), and in
+    GoRL a latent critic Q(s, z) with a bounded input (a plain Q(s, z) extrapolates linearly in |z|, and its actor
+    chased z to 1e7 within 3k updates). Returns [2, batch]: Q1 and Q2."""
 
     def __init__(self, obs_dim, action_dim):
         super().__init__()
-        self.net = mlp([obs_dim + action_dim, 256, 256, 1])
+        nets = [mlp([obs_dim + action_dim, 256, 256, 1]) for _ in range(2)]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([net[i].weight.T for net in nets])) for i in (0, 2, 4))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([net[i].bias[None] for net in nets])) for i in (0, 2, 4))
 
     def forward(self, x, u):
-        return self.net(torch.cat([x, torch.tanh(u)], -1)).squeeze(-1)
+        h = torch.cat([x, torch.tanh(u)], -1).expand(2, -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w) if i == 2 else F.silu(torch.baddbmm(b, h, w))
+        return h.squeeze(-1)
 
 
 LOG_STD_MAX, LOG_STD_MIN = 2, -5
@@ -279,27 +289,17 @@ def actor_at_prior(actor):
 
 
 def make_sac(obs_dim, action_dim, args, device):
-    """A fresh actor, two critics and their targets, their optimizers and the entropy coefficient."""
-    actor, qf1, qf2 = (
-        Actor(obs_dim, action_dim).to(device),
-        SoftQNetwork(obs_dim, action_dim).to(device),
-        SoftQNetwork(obs_dim, action_dim).to(device),
-    )
-    log_alpha = torch.tensor(
-        0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device, requires_grad=args.autotune
-    )
+    """A fresh actor, the two critics and their targets, their optimizers and the entropy coefficient."""
+    actor, qf = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+    log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device,
+                             requires_grad=args.autotune)
+    # Fused Adam: one kernel per step where the device has it (CPU and CUDA), else one foreach kernel per operation
+    adam = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
     return types.SimpleNamespace(
-        actor=actor,
-        qf1=qf1,
-        qf2=qf2,
-        qf1_target=copy.deepcopy(qf1),
-        qf2_target=copy.deepcopy(qf2),
-        log_alpha=log_alpha,
-        target_entropy=-float(action_dim),
-        q_optimizer=torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
-        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr),
-        a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr),
-    )
+        actor=actor, qf=qf, qf_target=copy.deepcopy(qf), log_alpha=log_alpha, target_entropy=-float(action_dim),
+        q_optimizer=torch.optim.Adam(qf.parameters(), lr=args.q_lr, **adam),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam),
+        a_optimizer=torch.optim.Adam([log_alpha], lr=args.q_lr, **adam))
 
 
 class ReplayBuffer:
@@ -335,39 +335,28 @@ class ReplayBuffer:
         self.data[: state["size"]], self.pos, self.size = state["data"], state["pos"], state["size"]
 
 
-def soft_update(target, online, tau):
-    """Polyak averaging target <- tau * online + (1 - tau) * target, in place."""
-    with torch.no_grad():
-        for target_param, param in zip(target.parameters(), online.parameters()):
-            target_param.lerp_(param, tau)
-
-
-def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
-    """One critic step on a batch (normalized observations), the delayed actor and alpha steps every
-    `policy_frequency` updates, then the target update. Returns (critic stats, actor stats or None)."""
+def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor_step):
+    """One critic step on a batch (normalized observations); with `actor_step` (every `policy_frequency` updates),
+    `policy_frequency` actor and alpha steps; then the target update. Returns (critic stats, actor stats or None)."""
     with torch.no_grad():
         next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
-        min_qf_next = (
-            torch.min(sac.qf1_target(next_obs, next_actions), sac.qf2_target(next_obs, next_actions))
-            - sac.log_alpha.exp() * next_log_pi
-        )
+        min_qf_next = sac.qf_target(next_obs, next_actions).min(0).values - sac.log_alpha.exp() * next_log_pi
         next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
-    qf1_a_values, qf2_a_values = sac.qf1(obs, actions), sac.qf2(obs, actions)
-    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
-    qf_loss = qf1_loss + qf2_loss
+    qf_a_values = sac.qf(obs, actions)  # [2, batch]
+    qf_loss = ((qf_a_values - next_q_value) ** 2).mean(1)  # each critic's MSE
     sac.q_optimizer.zero_grad()
-    qf_loss.backward()
+    qf_loss.sum().backward()
     sac.q_optimizer.step()
-    q_stats = {"losses/qf1_values": qf1_a_values.mean(), "losses/qf2_values": qf2_a_values.mean(), "losses/qf1_loss": qf1_loss,
-               "losses/qf2_loss": qf2_loss, "losses/qf_loss": qf_loss / 2}
+    q_stats = {"losses/qf1_values": qf_a_values[0].mean(), "losses/qf2_values": qf_a_values[1].mean(),
+               "losses/qf1_loss": qf_loss[0], "losses/qf2_loss": qf_loss[1], "losses/qf_loss": qf_loss.mean()}
     pi_stats = None
 
-    if update % args.policy_frequency == 0:
+    if actor_step:
         for _ in range(args.policy_frequency):
             pi, log_pi, _ = sac.actor.get_action(obs)
             alpha = sac.log_alpha.exp().detach()
             latent_kl = kl_to_prior(sac.actor.get_dist(obs)).mean()
-            actor_loss = (alpha * log_pi - torch.min(sac.qf1(obs, pi), sac.qf2(obs, pi))).mean() + args.beta * latent_kl
+            actor_loss = (alpha * log_pi - sac.qf(obs, pi).min(0).values).mean() + args.beta * latent_kl
             sac.actor_optimizer.zero_grad()
             actor_loss.backward()
             sac.actor_optimizer.step()
@@ -384,10 +373,32 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, update):
                 "losses/entropy": -log_pi.mean(),
             }
             pi_stats["gorl/latent_kl"] = latent_kl
-    soft_update(sac.qf1_target, sac.qf1, args.tau)
-    soft_update(sac.qf2_target, sac.qf2, args.tau)
+    with torch.no_grad():  # Polyak averaging, target <- tau * online + (1 - tau) * target, in one kernel
+        torch._foreach_lerp_(list(sac.qf_target.parameters()), list(sac.qf.parameters()), args.tau)
     detach = lambda stats: None if stats is None else {name: value.detach() for name, value in stats.items()}  # noqa: E731
     return detach(q_stats), detach(pi_stats)
+
+
+def compile_update(update, device):
+    """--compile: `update` through torch.compile (on CUDA captured as CUDA graphs, mode="reduce-overhead"), saying how
+    long its first calls took to compile; where torch.compile cannot build code (a probe on a tiny function), one line,
+    and `update` runs as it is."""
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2, device=device))
+    except Exception as e:  # no C++ compiler, an unsupported platform: compilation errors have no common type
+        print(f"note: --compile: torch.compile does not work here ({type(e).__name__}); the update runs eagerly")
+        return update
+    compiled, calls = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None), []
+
+    def timed(*args):  # its first two calls, with and without the actor step, compile
+        start, out = time.time(), compiled(*args)
+        if len(calls) < 2:
+            calls.append(time.time() - start)
+            if len(calls) == 2:
+                print(f"compiled the update in {sum(calls):.0f} s (once; --no-compile runs it eagerly)")
+        return out
+
+    return timed
 
 
 SAMPLES_PER_ACTION = 8  # (noise, t) pairs per action in the decoder's loss, as the released code
@@ -547,6 +558,7 @@ def main(args):
     obs_dim, action_dim = next_obs.shape[1], envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
     sac = make_sac(obs_dim, action_dim, args, device)
+    update = compile_update(sac_update, device) if args.compile else sac_update
     # Stage 0 decodes with the identity (a fresh decoder); no RL gradient ever reaches a decoder.
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device).requires_grad_(False)
     decoders, stage, stage_start, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0, 0
@@ -563,8 +575,8 @@ def main(args):
 
     def run_modules():
         """The networks, optimizers, normalizer and replay buffer a checkpoint holds (SAC's log-alpha is in `loop`)."""
-        return {"actor": sac.actor, "qf1": sac.qf1, "qf2": sac.qf2, "qf1_target": sac.qf1_target, "qf2_target": sac.qf2_target,
-                "q_optimizer": sac.q_optimizer, "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
+        return {"actor": sac.actor, "qf": sac.qf, "qf_target": sac.qf_target, "q_optimizer": sac.q_optimizer,
+                "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
                 "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
 
     step, global_step, updates, train_time, eval_return, train_return = 0, 0, 0, 0.0, float("nan"), float("nan")
@@ -602,7 +614,8 @@ def main(args):
             num_updates = int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)
             for _ in range(num_updates):
                 b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
-                q, pi = sac_update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, updates)
+                actor_step = updates % args.policy_frequency == 0
+                q, pi = update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, actor_step)
                 updates += 1
                 q_stats.append(q)
                 pi_stats += [pi] if pi is not None else []
@@ -684,8 +697,8 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values):
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+            if not all(ok(v) for v in values) or getattr(args, name) == ():
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
 
 
 def setup(args, load_policy):
@@ -706,6 +719,12 @@ def setup(args, load_policy):
         torch.use_deterministic_algorithms(True, warn_only=True)
     backend = resolve_backend(args.env_id, checkpoint["backend"] if checkpoint else args.env_backend)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.capture_video:  # fail now, with one line, where OpenGL cannot render
+        import mujoco
+        try:
+            mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
+        except Exception:
+            fail(f"--capture-video: MUJOCO_GL={os.environ['MUJOCO_GL']} cannot render here: install EGL (libegl1) or osmesa")
     if args.eval_checkpoint is not None:  # the saved model's deterministic evaluation, on its task and seeds
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
@@ -714,11 +733,10 @@ def setup(args, load_policy):
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb: pip install wandb")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
+        wandb = importlib.import_module("wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
@@ -764,7 +782,6 @@ def check_memory(args, backend, spare_envs):
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
     before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
-    probe.step(np.zeros((8, probe.action_dim)))
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
     fits = int(0.9 * available / per_env) - spare_envs  # a tenth for the storage, the networks and slack
@@ -848,14 +865,10 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
-    try:
-        if video_path is not None:  # EnvPool cannot render
-            evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
-            os.makedirs(os.path.dirname(video_path), exist_ok=True)
-            imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
-    except Exception as e:  # no OpenGL here: one line that names the fix
-        fail(f"--capture-video: cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}: "
-             f"{str(e)[:200]!r}); install EGL (libegl1) or OSMesa (libosmesa6, with MUJOCO_GL=osmesa)")
+    if video_path is not None:  # EnvPool cannot render
+        evaluate(policy, env_id, "dm_control", 1, seed, device, frames=(frames := []))
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
 
 

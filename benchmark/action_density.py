@@ -43,7 +43,7 @@ def load_policy(path):
         sys.exit(f"error: {path!r} is not a checkpoint of one of this repository's scripts")
     m = load_script(script)
     saved = m.Args(**checkpoint["args"])
-    obs_dim, action_dim = checkpoint["obs_dim"], checkpoint["action_dim"]
+    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
     obs_rms = m.RunningMeanStd(obs_dim)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     if script in ("sac_gaussian.py", "gorl_sac_diff.py"):
@@ -60,7 +60,7 @@ def load_policy(path):
         net = m.Agent(obs_dim, action_dim)
         net.load_state_dict(checkpoint["agent"])
         latent, mean = (lambda x: net.act(obs_rms(x))[0]), (lambda x: net.act(obs_rms(x), deterministic=True)[0])
-    if "decoders" in checkpoint:  # GoRL: the env receives tanh(g(s, z))
+    if "decoder" in checkpoint:  # GoRL: the env receives tanh(g(s, z))
         decoder = m.Decoder(obs_dim, action_dim, saved.decoder_hidden)
         decoder.load_state_dict(checkpoint["decoder"])
         return script, saved, (lambda x: torch.tanh(decoder(x, latent(x)))), (lambda x: torch.tanh(decoder(x, mean(x))))

@@ -1,59 +1,55 @@
-"""Learning curves and a results table from the tensorboard files under runs/ (no network, no W&B).
+"""Curves, a results table and GoRL's refit and stage table from the CSVs benchmark/run.py keeps (nothing else).
 
-    python benchmark/plot.py --runs runs --out benchmark/results
+    python benchmark/plot.py --study study3m
 
-Writes `curves.png` (deterministic evaluation return against env steps, mean and std over seeds, one panel per
-task, GoRL's stage boundaries dashed) and `results.md` (final evaluation return, mean +- std over seeds, in the
-layout of the paper's Table 1, plus wall clock per run). A run directory is `<task>__<script>__<seed>__<time>`;
-with several runs of one (task, script, seed) the newest counts. `--benchmark-only` keeps the runs that
-benchmark/run.py completed.
+Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in the same directory, `curves.png`
+(deterministic evaluation return against env steps, mean and min-max over seeds, one panel per task, GoRL's refits
+dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run) and
+`stages.md` (per GoRL run: the evaluation at each stage's end, right after each refit and their ratio).
 """
 import argparse
+import csv
 import glob
-import json
 import os
 from collections import defaultdict
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"ppo_gaussian": "PPO", "fpo": "FPO", "dppo": "DPPO", "gorl_ppo_diff": "GoRL-Diff", "gorl_ppo_fm": "GoRL-FM",
          "sac_gaussian": "SAC", "gorl_sac_diff": "GoRL-SAC-Diff"}
 
 
-def load_runs(runs, benchmark_only=False):
-    """{(task, script): {seed: run}}, run = {"steps", "returns", "stage_ends", "seconds"}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    newest = {}
-    for run_dir in glob.glob(os.path.join(runs, "*__*__*__*")):
-        parts = os.path.basename(run_dir).split("__")
-        if (
-            len(parts) != 4
-            or not parts[2].lstrip("-").isdigit()
-            or (benchmark_only and not os.path.exists(os.path.join(run_dir, "benchmark.json")))
-        ):
-            continue
-        key = (parts[0], parts[1], int(parts[2]))
-        if key not in newest or os.path.getmtime(run_dir) > os.path.getmtime(newest[key]):
-            newest[key] = run_dir
-    out = defaultdict(dict)
-    for (task, script, seed), run_dir in sorted(newest.items()):
-        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-        acc.Reload()
-        tags = acc.Tags()["scalars"]
-        if "eval/episodic_return" not in tags:
-            continue
-        evals = acc.Scalars("eval/episodic_return")
-        marker = os.path.join(run_dir, "benchmark.json")
-        seconds = json.load(open(marker))["seconds"] if os.path.exists(marker) else float("nan")
-        out[(task, script)][seed] = {
-            "steps": np.array([e.step for e in evals]), "returns": np.array([e.value for e in evals]), "seconds": seconds,
-            "stage_ends": [e.step for e in acc.Scalars("gorl/eval_after_refit")] if "gorl/eval_after_refit" in tags else []}
-    return out
+def load(directory):
+    """{(task, script): {seed: {tag: [(step, value), ...]}}} from the study's CSVs."""
+    runs = defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(directory, "*__*__*.csv"))):
+        task, script, seed = os.path.basename(path)[: -len(".csv")].split("__")
+        scalars = defaultdict(list)
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row["tag"] != "command":
+                    scalars[row["tag"]].append((int(row["step"]), float(row["value"])))
+        runs[task, script][int(seed)] = dict(scalars)
+    return runs
 
 
 def order(scripts):
     return sorted(scripts, key=lambda s: (list(NAMES).index(s) if s in NAMES else len(NAMES), s))
+
+
+def evals(run):
+    """The run's deterministic evaluations {step: return}; at a GoRL stage end, the one before the refit."""
+    out = {}
+    for step, value in run["eval/episodic_return"]:
+        out.setdefault(step, value)
+    return out
+
+
+def refits(run):
+    """[(step, before, after)]: the evaluation at a stage's end and the new decoder's with the restarted encoder."""
+    before = evals(run)
+    return [(step, before[step], after) for step, after in run.get("gorl/eval_after_refit", [])]
 
 
 def curves(runs, path):
@@ -63,60 +59,76 @@ def curves(runs, path):
     import matplotlib.pyplot as plt
 
     tasks = sorted({task for task, _ in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, script in enumerate(order({s for t, s in runs if t == task})):
-            seeds = runs[(task, script)]
-            steps = sorted(set.intersection(*(set(r["steps"].tolist()) for r in seeds.values())))  # evaluated by every seed
-            ys = np.array([[r["returns"][r["steps"].tolist().index(s)] for s in steps] for r in seeds.values()])
-            color = f"C{i}"
-            ax.plot(steps, ys.mean(0), color=color, label=f"{NAMES.get(script, script)} ({len(seeds)})")
-            ax.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.15)
-            for end in next(iter(seeds.values()))["stage_ends"]:
-                ax.axvline(end, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+            seeds = runs[task, script]
+            steps = sorted(set.intersection(*(set(evals(r)) for r in seeds.values())))  # evaluated by every seed
+            ys = np.array([[evals(r)[s] for s in steps] for r in seeds.values()])
+            ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"{NAMES.get(script, script)} ({len(seeds)} seeds)")
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
+            for step, _, _ in refits(next(iter(seeds.values()))):
+                ax.axvline(step, color=f"C{i}", linestyle=":", linewidth=1, alpha=0.7)
         ax.set_title(task)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("evaluation return")
+        ax.set_ylabel("deterministic evaluation return")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def table(runs):
+def results_table(runs):
     tasks = sorted({task for task, _ in runs})
-    lines = ["| Method | " + " | ".join(tasks) + " | wall clock per run |", "|---" * (len(tasks) + 2) + "|"]
+    lines = ["| method | " + " | ".join(f"{t} final eval" for t in tasks) + " | training SPS | wall clock per run |",
+             "|---" * (len(tasks) + 3) + "|"]
     for script in order({s for _, s in runs}):
-        cells, seconds = [], []
+        cells, sps, seconds = [], [], []
         for task in tasks:
             seeds = runs.get((task, script), {})
-            finals = np.array([r["returns"][-1] for r in seeds.values()])
-            seconds += [r["seconds"] for r in seeds.values()]
+            finals = np.array([r["eval/episodic_return"][-1][1] for r in seeds.values()])
+            sps += [r["charts/SPS"][-1][1] for r in seeds.values() if "charts/SPS" in r]
+            seconds += [r["wall_clock_seconds"][0][1] for r in seeds.values()]
             cells.append(f"{finals.mean():.1f} +- {finals.std():.1f} ({len(finals)})" if len(finals) else "-")
-        known = [x for x in seconds if np.isfinite(x)]
-        wall = f"{np.mean(known) / 60:.1f} min" if known else "-"
-        lines.append(f"| {NAMES.get(script, script)} | " + " | ".join(cells) + f" | {wall} |")
+        lines.append(f"| {NAMES.get(script, script)} | " + " | ".join(cells) + f" | {np.mean(sps):,.0f} | "
+                     f"{np.mean(seconds) / 60:.0f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def stages_table(runs):
+    lines = ["| task | method | seed | stage ends | right after each refit (after / before) |", "|---|---|---|---|---|"]
+    ratios = []
+    for (task, script), seeds in sorted(runs.items()):
+        for seed, run in sorted(seeds.items()):
+            if "gorl/eval_after_refit" not in run:
+                continue
+            points = refits(run)
+            ends = [before for _, before, _ in points] + [run["eval/episodic_return"][-1][1]]
+            ratios += [after / before for _, before, after in points if before > 0]
+            after = ", ".join(f"{a:.1f} ({a / b:.2f})" for _, b, a in points)
+            ends = ", ".join(f"{e:.1f}" for e in ends)
+            lines.append(f"| {task} | {NAMES.get(script, script)} | {seed} | {ends} | {after} |")
+    if ratios:
+        lines.append(f"\nafter / before over {len(ratios)} refits: median {np.median(ratios):.2f}, min {min(ratios):.2f}\n")
     return "\n".join(lines) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--out", default=os.path.join("benchmark", "results"))
-    p.add_argument("--benchmark-only", action="store_true", help="only runs that benchmark/run.py completed")
+    p.add_argument("--study", default="default")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmark", "results"))
     args = p.parse_args()
-    runs = load_runs(args.runs, args.benchmark_only)
+    directory = os.path.join(args.results, args.study)
+    runs = load(directory)
     if not runs:
-        raise SystemExit(f"error: no runs with eval/episodic_return under {args.runs!r}")
-    os.makedirs(args.out, exist_ok=True)
-    curves(runs, os.path.join(args.out, "curves.png"))
-    md = ("Final deterministic evaluation return, mean +- std over seeds (number of seeds); the layout of the paper's "
-          "Table 1. Wall clock is the mean over a method's runs.\n\n" + table(runs))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'results.md')}")
+        raise SystemExit(f"error: no run CSVs in {directory!r}")
+    curves(runs, os.path.join(directory, "curves.png"))
+    for name, text in [("results.md", results_table(runs)), ("stages.md", stages_table(runs))]:
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+        print(text)
+    print(f"wrote curves.png, results.md and stages.md in {directory}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python benchmark/sps.py --env-id CheetahRun --num-envs 16 --iterations 4
 
 For each script: a short CPU-sized training run (its own process, a temporary directory) whose logged
-`perf/rollout_SPS` (env steps per second of the rollout: policy inference, copies and env stepping) and per-phase
-shares are averaged over the iterations after the first. The bare env is the scripts' own `VecEnv` (the same
+`perf/rollout_SPS` (env steps per second of the rollout: policy inference, copies and env stepping) and `charts/SPS`
+are averaged over the iterations after the first. The bare env is the scripts' own `VecEnv` (the same
 backend and env count) stepped with uniformly random actions. The ratio says how close a rollout gets to the
 environment's own speed; 1.0 would be a free policy.
 """
@@ -46,7 +46,7 @@ def bare_sps(env_id, backend, num_envs, steps, seed=0):
 
 
 def script_sps(script, args):
-    """Returns {tag: mean over iterations 2..} of the run's perf/* and charts/SPS."""
+    """Returns {tag: mean over iterations 2..} of the run's perf/rollout_SPS and charts/SPS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
@@ -83,7 +83,7 @@ def script_sps(script, args):
         run_dir = os.path.join(tmp, "runs", os.listdir(os.path.join(tmp, "runs"))[0])
         acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         acc.Reload()
-        tags = ["perf/rollout_SPS", "perf/env_share", "perf/inference_share", "perf/update_share", "charts/SPS"]
+        tags = ["perf/rollout_SPS", "charts/SPS"]
         return {
             tag: float(np.mean([e.value for e in acc.Scalars(tag)][1:] or [e.value for e in acc.Scalars(tag)])) for tag in tags
         }
@@ -105,13 +105,12 @@ def main():
     steps = args.batch_size * args.num_minibatches * args.unroll_length // args.num_envs
     bare = bare_sps(args.env_id, args.backend, args.num_envs, max(steps, 200))
     print(f"{args.env_id}, {args.backend}, {args.num_envs} envs; bare vector env with random actions: {bare:,.0f} SPS")
-    print("| script | rollout SPS | rollout / bare env | training SPS | env share | inference share | update share |")
-    print("|---|---|---|---|---|---|---|")
+    print("| script | rollout SPS | rollout / bare env | training SPS |")
+    print("|---|---|---|---|")
     for script in args.scripts:
         r = script_sps(script, args)
         print(
-            f"| `{script}.py` | {r['perf/rollout_SPS']:,.0f} | {r['perf/rollout_SPS'] / bare:.2f} | {r['charts/SPS']:,.0f} | "
-            f"{r['perf/env_share']:.2f} | {r['perf/inference_share']:.2f} | {r['perf/update_share']:.2f} |",
+            f"| `{script}.py` | {r['perf/rollout_SPS']:,.0f} | {r['perf/rollout_SPS'] / bare:.2f} | {r['charts/SPS']:,.0f} |",
             flush=True,
         )
 

@@ -65,6 +65,27 @@ E2E_BACKENDS = ([pytest.param("dm_control", marks=pytest.mark.slow), "envpool"] 
                 ["dm_control", pytest.param("envpool", marks=pytest.mark.skip(reason="envpool not installed"))])
 
 
+def run_main(name, args, cwd, monkeypatch):
+    """Runs a script's `main` in this process, as its command line would, and returns main's local variables at its
+    return (the loop's last minibatch, `obs_rms`, `agent`, ...): a profile hook copies them from main's frame."""
+    import runpy
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    captured, path = {}, os.path.join(ROOT, name)
+
+    def hook(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "main" and frame.f_code.co_filename == path:
+            captured.update(frame.f_locals)
+
+    sys.setprofile(hook)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.setprofile(None)
+    return captured
+
+
 def run_inprocess(name, args, cwd, capsys, monkeypatch):
     """Runs a script's main in this process (no new interpreter, so no repeated imports: a fraction of a second for
     the bad-input checks). Returns (exit code, stdout, stderr); an uncaught exception propagates and fails the test."""

@@ -1,6 +1,6 @@
 """benchmark/: the grid runner resumes, plots and the table come out of tiny runs made here, density and SPS run."""
+import csv
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -21,20 +21,25 @@ def bench(tool, args, cwd, timeout=600):
 def grid(tmp_path_factory):
     """PPO and GoRL-Diff, one CPU-sized iteration per stage (3840 steps), on CartpoleBalance, seeds 1 and 2 for PPO; tiny refits."""
     cwd = tmp_path_factory.mktemp("bench")
-    common = ["--tasks", "CartpoleBalance", "--evals", "1", "--num-eval-envs", "2", "--env-backend", "dm_control", "--runs", str(cwd / "runs")]
+    common = ["--study", "tiny", "--tasks", "CartpoleBalance", "--evals", "1", "--num-eval-envs", "2", "--env-backend", "dm_control",
+              "--runs", str(cwd / "runs"), "--results", str(cwd / "results")]
     r1 = bench("run.py", ["--scripts", "ppo_gaussian", "--seeds", "1", "2", "--total-timesteps", "3840", *common, "--", "--save-model"], cwd)
-    r2 = bench("run.py", ["--scripts", "gorl_ppo_diff", "--seeds", "1", "--total-timesteps", "15360", *common, "--", "--save-model", "--refine-episodes", "2",
-                                "--refine-num-envs", "2", "--decoder-epochs", "2"], cwd)
+    r2 = bench("run.py", ["--scripts", "gorl_ppo_diff", "--seeds", "1", "--total-timesteps", "15360", "--stage-weights", "1", "1",
+                          *common, "--", "--save-model", "--refine-episodes", "2", "--refine-num-envs", "2", "--decoder-epochs", "2"], cwd)
     return cwd, common, r1, r2
 
 
-def test_run_completes_a_grid_and_skips_finished_runs(grid):
+def test_run_completes_a_grid_keeps_a_csv_per_run_and_skips_finished_runs(grid):
     cwd, common, r1, r2 = grid
     assert r1.returncode == 0 and r2.returncode == 0, r1.stdout + r1.stderr + r2.stdout + r2.stderr
     assert "2 runs in the grid, 0 finished before, 2 to run" in r1.stdout
-    markers = glob.glob(str(cwd / "runs" / "*" / "benchmark.json"))
-    assert len(markers) == 3
-    assert all(json.load(open(m))["seconds"] > 0 for m in markers)
+    csvs = sorted(glob.glob(str(cwd / "results" / "tiny" / "*.csv")))
+    assert [os.path.basename(c) for c in csvs] == ["CartpoleBalance__gorl_ppo_diff__1.csv", "CartpoleBalance__ppo_gaussian__1.csv",
+                                                   "CartpoleBalance__ppo_gaussian__2.csv"]
+    rows = list(csv.DictReader(open(csvs[0])))
+    tags = {row["tag"] for row in rows}
+    assert {"eval/episodic_return", "gorl/eval_after_refit", "charts/SPS", "command", "wall_clock_seconds"} <= tags, tags
+    assert float(next(row["value"] for row in rows if row["tag"] == "wall_clock_seconds")) > 0
     again = bench("run.py", ["--scripts", "ppo_gaussian", "--seeds", "1", "2", "3", "--total-timesteps", "3840", *common, "--dry-run", "--", "--save-model"], cwd)
     assert again.returncode == 0, again.stderr
     assert "3 runs in the grid, 2 finished before, 1 to run" in again.stdout
@@ -44,16 +49,20 @@ def test_run_completes_a_grid_and_skips_finished_runs(grid):
     assert "1 runs in the grid, 0 finished before, 1 to run" in other.stdout
 
 
-def test_plot_writes_curves_and_a_table_with_the_right_rows(grid, tmp_path):
+def test_plot_writes_curves_and_tables_from_the_csvs_alone(grid):
     cwd, *_ = grid
-    r = bench("plot.py", ["--runs", str(cwd / "runs"), "--out", str(tmp_path), "--benchmark-only"], cwd)
+    elsewhere = cwd / "elsewhere"  # no runs/ there: plot.py reads the CSVs only
+    elsewhere.mkdir()
+    r = bench("plot.py", ["--study", "tiny", "--results", str(cwd / "results")], elsewhere)
     assert r.returncode == 0, r.stderr
-    assert os.path.getsize(tmp_path / "curves.png") > 10_000
-    table = (tmp_path / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    out = cwd / "results" / "tiny"
+    assert os.path.getsize(out / "curves.png") > 10_000
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() for row in rows] == ["PPO", "GoRL-Diff"]
-    assert "| Method | CartpoleBalance | wall clock per run |" in table
     assert "(2) |" in rows[0] and "(1) |" in rows[1]  # seeds per cell
+    stages = (out / "stages.md").read_text()
+    assert "| CartpoleBalance | GoRL-Diff | 1 |" in stages and "after / before over 1 refits" in stages
 
 
 def test_action_density_from_saved_checkpoints(grid, tmp_path):

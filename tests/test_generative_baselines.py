@@ -127,7 +127,7 @@ def test_end_to_end_saves_and_reloads(tmp_path, name, backend):
     run_dir = only_run_dir(tmp_path)
     s = read_scalars(run_dir)
     for key in ["charts/SPS", "eval/episodic_return", "losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
-                "perf/env_share", "perf/inference_share", "perf/update_share", "perf/rollout_SPS"]:
+                "perf/rollout_SPS"]:
         assert key in s, key
     r = run_script(name, ["--eval-checkpoint", os.path.join(run_dir, name.replace(".py", ".cleanrl_model"))], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

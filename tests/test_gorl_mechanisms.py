@@ -30,7 +30,7 @@ TRAIN_ENVS, EVAL_ENVS, REFINE_ENVS = 2, 1, 3
 class Recorder:
     """Every action each SyncVectorEnv receives, with the flat observation it was chosen for, keyed by env count."""
 
-    def __init__(self, monkeypatch, flatten):
+    def __init__(self, monkeypatch, flatten=lambda obs: np.asarray(obs, dtype=np.float32)):
         # by_env: one entry per vector env, numbered at its first reset (never by object identity, which the
         # interpreter reuses once an env is freed), in creation order: an evaluation, a refit, ...
         self.calls, self.by_env = {}, []
@@ -92,7 +92,7 @@ def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_pat
     # The run's current decoder is the one to load; the earlier stages' decoders are decoys.
     torch.save({"script": name, "args": {"env_id": "Hopper-v5", "decoder_hidden": 64}, "decoder": decoder.state_dict(),
                 "loop": {"decoders": [m.Decoder(11, 3, 64).state_dict(), other.state_dict()]}}, path)
-    rec = Recorder(monkeypatch, m.VecEnv.flatten)
+    rec = Recorder(monkeypatch)
     s, run_dir, _ = run(name, [*TINY, "--total-timesteps", "128", "--stage-weights", "1", "--decoder-checkpoint", str(path), "--save-model"],
                         tmp_path, capsys, monkeypatch)
     loaded = saved_model(run_dir, name)["loop"]["decoders"][0]
@@ -145,8 +145,7 @@ def test_kl_to_prior_penalty_pulls_the_latent_policy_to_the_prior(tmp_path, caps
 @pytest.mark.parametrize("name", LOOP_SCRIPTS)
 @pytest.mark.parametrize("refine_from", ["best", pytest.param("last", marks=pytest.mark.slow)])  # CI time: `last` is slow
 def test_refinement_is_collected_by_the_chosen_encoder_sampling_z(tmp_path, capsys, monkeypatch, name, refine_from):
-    m = MODULES[name]
-    rec = Recorder(monkeypatch, m.VecEnv.flatten)
+    rec = Recorder(monkeypatch)
     # Stage 0 starts at the prior N(0, I): its deterministic evaluation is the constant action 0 (about 750 on
     # CartpoleBalance). A learning rate of 0.5 then wrecks the encoder (saturated actions, a low return), so the
     # best-evaluated encoder is the prior one and the last one is far from it.
@@ -349,7 +348,7 @@ def test_warm_restart_restores_the_best_encoder_and_normalizer_with_a_new_adam(t
 
 def m_initial_agent(name, checkpoint):
     torch.manual_seed(checkpoint["args"]["seed"])
-    return MODULES[name].Agent(checkpoint["obs_dim"], checkpoint["action_dim"]).state_dict()
+    return MODULES[name].Agent(checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]).state_dict()
 
 
 # ---------------------------------------------------------------- GoRL-SAC
@@ -409,8 +408,8 @@ def test_per_stage_beta_and_kl_form_are_in_force(tmp_path, capsys, monkeypatch, 
 
 def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_path, capsys, monkeypatch):
     m = MODULES["gorl_sac_diff.py"]
-    rec = Recorder(monkeypatch, m.VecEnv.flatten)
-    args = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1",
+    rec = Recorder(monkeypatch)
+    args = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--no-compile",
             "--num-envs", "2", "--num-eval-envs", "3", "--eval-every", "100000", "--total-timesteps", "400", "--stage-weights", "1", "1",
             "--refine-episodes", "4", "--refine-num-envs", "4", "--decoder-epochs", "2", "--save-model"]
     s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)

@@ -10,15 +10,14 @@ import ast
 import collections
 import difflib
 import os
-import runpy
-import sys
+import types
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, ROOT, load_script, only_run_dir, read_scalars
+from conftest import run_main, BACKENDS, ROOT, load_script, only_run_dir, read_scalars
 
 PPO_FAMILY = ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py", "fpo.py", "dppo.py"]
 ALL_SCRIPTS = PPO_FAMILY + ["sac_gaussian.py", "gorl_sac_diff.py"]
@@ -35,14 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_main(name, args, cwd, monkeypatch):
-    """Runs a script's main in this process and returns its globals."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    monkeypatch.setenv("MUJOCO_GL", "disable")
-    return runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +173,8 @@ class TickEnvs:
         self.tick = np.zeros(self.n)
         self.received = {}
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.envs = []  # no per-env state for VecEnv.get_state to save
+        self.envs = [types.SimpleNamespace(spec=types.SimpleNamespace(max_episode_steps=1000))]
+        self.unwrapped, self.metadata = self, {"autoreset_mode": autoreset_mode}  # what gym.make_vec sets and checks
         TickEnvs.instances.append(self)
 
     def observation(self):
@@ -259,6 +251,7 @@ def test_first_minibatch_after_a_rollout_has_ratio_one(tmp_path, monkeypatch, na
 # ---------------------------------------------------------------- 4. the shared skeleton
 MAY_DIFFER = {  # name -> the scripts whose version is their own by design; all others holding the name must agree
     "Args": set(ALL_SCRIPTS),  # each script's own hyperparameters
+    "main": set(ALL_SCRIPTS),  # each script's training loop
     "Agent": {"fpo.py", "dppo.py"},  # flow and diffusion policies; PPO and both GoRL PPOs share the Gaussian agent
     "Decoder": {"gorl_ppo_fm.py"},  # flow-matching decoder; the two diffusion decoders must agree
     "sac_update": {"gorl_sac_diff.py"},  # adds GoRL's KL-to-prior term to SAC's actor loss
@@ -268,10 +261,12 @@ MAY_DIFFER = {  # name -> the scripts whose version is their own by design; all 
 }
 SKELETON = {  # names every script of the group must have, so the comparison below cannot pass vacuously
     "fail": ALL_SCRIPTS, "dmc_task_ids": ALL_SCRIPTS, "resolve_backend": ALL_SCRIPTS, "VecEnv": ALL_SCRIPTS, "RunningMeanStd": ALL_SCRIPTS,
-    "layer_init": ALL_SCRIPTS, "mlp": ALL_SCRIPTS, "evaluate": ALL_SCRIPTS, "load_checkpoint": ALL_SCRIPTS,
+    "layer_init": ALL_SCRIPTS, "mlp": ALL_SCRIPTS, "evaluate": ALL_SCRIPTS, "load_checkpoint": ALL_SCRIPTS, "setup": ALL_SCRIPTS,
     "compute_gae": PPO_FAMILY, "to_segments": PPO_FAMILY, "normalize_advantages": PPO_FAMILY, "explained_variance": PPO_FAMILY,
-    "log_timing": PPO_FAMILY, "Agent": PPO_FAMILY, "check_args": ALL_SCRIPTS, "evaluate_checkpoint": ALL_SCRIPTS, "crossed": ALL_SCRIPTS,
-    "log_scalars": ALL_SCRIPTS, "log_episodes": ALL_SCRIPTS, "finite_means": ALL_SCRIPTS,
+    "Agent": PPO_FAMILY, "check_args": ALL_SCRIPTS, "check_memory": ALL_SCRIPTS, "crossed": ALL_SCRIPTS, "restore": ALL_SCRIPTS,
+    "log_scalars": ALL_SCRIPTS, "log_episodes": ALL_SCRIPTS, "finite_means": ALL_SCRIPTS, "save_checkpoint": ALL_SCRIPTS,
+    "kl_to_prior": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"], "fit_decoder": ["gorl_ppo_fm.py", "gorl_ppo_diff.py",
+    "gorl_sac_diff.py"], "collect_refinement_data": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"],
 }
 
 

@@ -1,8 +1,17 @@
-"""The README's front door stays true: CI runs its test command, and its commands name real scripts and flags."""
+"""The README and docs/ stay true: CI runs the README's test command, the front page stays short, and every command in
+README.md and docs/*.md names a real script whose own parser and checks accept its flags."""
+import glob
 import os
 import re
 
-from conftest import ROOT
+import pytest
+import tyro
+
+from conftest import ROOT, load_script
+
+SCRIPTS = ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py", "fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"]
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+MODULES = {}
 
 
 def read(path):
@@ -10,66 +19,63 @@ def read(path):
         return f.read()
 
 
+def commands(page):
+    """[(script, [flags])] of every command in the page's ```bash blocks that runs a script or a benchmark tool (line
+    continuations joined, the block's shell variables expanded, a venv's python too)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)\n```", read(page), flags=re.S):
+        variables = dict(re.findall(r'^(\w+)="([^"]*)"', block, flags=re.M))
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = part.split("#")[0].split()
+                if len(words) > 1 and words[0].endswith("python") and words[1].endswith(".py"):
+                    flags = [w for word in words[2:] for w in (variables[word[1:]].split() if word.startswith("$") else [word])]
+                    out.append((words[1], flags))
+    return out
+
+
 def test_ci_runs_the_readme_test_command():
     readme_commands = re.findall(r"^python3 -m venv .*$", read("README.md"), flags=re.M)
     test_command = [c for c in readme_commands if "pytest" in c]
-    assert len(test_command) == 1, readme_commands
+    assert len(readme_commands) == 2 and len(test_command) == 1, readme_commands
     assert test_command[0] in read(".ci/run").splitlines()
 
 
-def test_readme_commands_use_existing_scripts_and_flags():
+def test_the_front_page_fits_in_a_few_screens_and_links_every_docs_page():
     readme = read("README.md")
-    commands = re.findall(r"python (\w+\.py)((?: --[\w-]+(?: [^\s-][^\s]*)*)*)", readme)
-    assert len(commands) >= 6, commands
-    for script, flags in re.findall(r"python (\w+\.py)((?: --[\w-]+(?: [^\s-][^\s]*)*)*)", readme):
-        source = read(script)
-        for flag in set(re.findall(r"--([\w-]+)", flags)) - {"help"}:
-            assert flag.replace("-", "_") in source, (script, flag)
+    assert len(readme) < 20_000, len(readme)
+    for page in ["docs/reproducing.md", "docs/implementation.md", "docs/performance.md", "docs/long-runs.md"]:
+        assert f"({page})" in readme and os.path.exists(os.path.join(ROOT, page)), page
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_command_parses_with_its_scripts_own_parser_and_checks(page):
+    found = commands(page)
+    for script, flags in found:
+        if script.startswith("benchmark/"):  # the tools: the file exists and knows each flag
+            source = read(script)
+            for flag in {f for f in flags if f.startswith("--")} - {"--help"}:
+                assert flag[2:].replace("-", "_") in source.replace("-", "_"), (page, script, flag)
+            continue
+        assert script in SCRIPTS, (page, script)
+        m = MODULES.setdefault(script, load_script(script))
+        names = [f for f in flags if f.startswith("--")]
+        assert len(names) == len(set(names)), (page, script, flags)  # no flag given twice (the last would silently win)
+        if any(f in names for f in ("--resume", "--eval-checkpoint", "--help")):  # these read a file or print help
+            continue
+        try:
+            tyro.cli(m.Args, args=flags)  # Args.__post_init__ runs the script's checks
+        except SystemExit as e:
+            raise AssertionError(f"{page}: {script} {' '.join(flags)}: exit {e.code}") from None
+    if page == "README.md":
+        assert {script for script, _ in found} >= set(SCRIPTS), "one command per script on the front page"
 
 
 TABLE1_SCRIPTS = ["ppo_gaussian.py", "fpo.py", "dppo.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py"]
 TABLE1_TASKS = ["CheetahRun", "FingerSpin", "FingerTurnHard", "FishSwim", "HopperStand", "WalkerWalk"]
 
 
-def table1_commands():
-    """[(script, [flags])] of the README's "Reproducing Table 1" block, line continuations joined and the shell
-    variables it defines expanded."""
-    readme = read("README.md")
-    section = readme[readme.index("## Reproducing Table 1"):]
-    start = section.index("```bash\n") + len("```bash\n")
-    block = section[start : section.index("\n```", start)]
-    variables = dict(re.findall(r'^(\w+)="([^"]*)"', block, flags=re.M))
-    commands = []
-    for line in block.replace("\\\n", " ").splitlines():
-        if line.startswith("python "):
-            words = line.split()[1:]
-            flags = [w for word in words[1:] for w in (variables[word[1:]].split() if word.startswith("$") else [word])]
-            commands.append((words[0], flags))
-    return commands
-
-
-def test_table1_commands_cover_every_method_and_task_once():
-    commands = table1_commands()
-    pairs = [(script, flags[flags.index("--env-id") + 1]) for script, flags in commands]
+def test_table1_commands_cover_every_method_and_task_once_at_180m_steps():
+    table1 = [(s, f) for s, f in commands("docs/reproducing.md") if "180000000" in f]
+    pairs = [(script, flags[flags.index("--env-id") + 1]) for script, flags in table1]
     assert sorted(pairs) == sorted((s, t) for s in TABLE1_SCRIPTS for t in TABLE1_TASKS), pairs
-    for script, flags in commands:
-        names = [f for f in flags if f.startswith("--")]
-        assert len(names) == len(set(names)), (script, flags)  # no flag given twice (the last would silently win)
-
-
-def test_table1_commands_parse_and_pass_the_scripts_checks():
-    # Each script's own parser (tyro) and its argument checks, without running main: a typo, a stale flag or a
-    # per-stage list of the wrong length fails here.
-    import tyro
-
-    from conftest import load_script
-
-    modules = {name: load_script(name) for name in TABLE1_SCRIPTS}
-    for script, flags in table1_commands():
-        m = modules[script]
-        try:
-            args = tyro.cli(m.Args, args=flags)
-            m.check_args(args)
-        except SystemExit as e:
-            raise AssertionError(f"{script} {' '.join(flags)}: exit {e.code}") from None
-        assert args.total_timesteps == 180_000_000, (script, flags)

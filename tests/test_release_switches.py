@@ -2,15 +2,13 @@
 `legacy_pre_update`), its tanh entropy term, and the release's per-stage encoder restarts. Each test fails when its
 flag is ignored (or, for the per-stage ones, when only one of the values is used for every stage)."""
 import os
-import runpy
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, only_run_dir, read_scalars, run_inprocess
+from conftest import run_main, load_script, only_run_dir, read_scalars, run_inprocess
 
 BASELINES = ["ppo_gaussian.py", "fpo.py", "dppo.py"]
 FAST_ENV = ["--env-id", "InvertedPendulum-v5", "--env-backend", "dm_control", "--num-eval-envs", "1", "--eval-every", "100000"]
@@ -22,13 +20,6 @@ TINY_GORL = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--num-envs
              "--eval-every", "100000", "--refine-episodes", "3", "--refine-num-envs", "3", "--decoder-epochs", "2",
              "--decoder-batch-size", "256"]
 ppo = load_script("ppo_gaussian.py")
-
-
-def run_main(name, args, tmp_path, monkeypatch):
-    """Runs a script's main in this process and returns its globals (the loop's last minibatch, obs_rms, ...)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    return runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
 
 
 def run(name, args, tmp_path, capsys, monkeypatch):

@@ -13,7 +13,8 @@ from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_sca
 SCRIPTS = ["sac_gaussian.py", "gorl_sac_diff.py"]
 MODULES = {name: load_script(name) for name in SCRIPTS}
 sac_m, gorl_m = MODULES["sac_gaussian.py"], MODULES["gorl_sac_diff.py"]
-TINY = ["--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--num-eval-envs", "2", "--eval-every", "100000"]
+TINY = ["--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--num-eval-envs", "2", "--eval-every", "100000",
+        "--no-compile"]  # compiling takes a minute: the end-to-end tests run eagerly (test_sac_compile compiles once)
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -26,48 +27,54 @@ def fill_buffer(m, backend, env_id, steps, seed=3):
     """Random actions through VecEnv into a ReplayBuffer exactly as the training loop adds them."""
     envs = m.VecEnv(env_id, backend, 2, seed)
     rb = m.ReplayBuffer(10_000, envs.reset().shape[1], envs.action_dim, "cpu")
-    obs, rng, log = torch.as_tensor(envs.reset()), np.random.default_rng(0), []
+    obs, rng, log = envs.reset(), np.random.default_rng(0), []
     for _ in range(steps):
-        action = torch.as_tensor(rng.uniform(-1, 1, (2, envs.action_dim)), dtype=torch.float32)
-        next_obs, reward, terminated, truncated, valid, _ = envs.step(action.numpy())
-        rb.add(obs, action, reward, envs.final_obs, terminated, valid)
-        log.append((obs.numpy().copy(), action.numpy().copy(), next_obs.copy(), envs.final_obs.copy(), terminated, truncated, valid))
-        obs = torch.as_tensor(next_obs)
+        action = rng.uniform(-1, 1, (2, envs.action_dim)).astype(np.float32)
+        next_obs, reward, terminated, truncated, valid, _ = envs.step(action)
+        if valid.any():
+            rb.add(obs[valid], action[valid], reward[valid], envs.final_obs[valid], terminated[valid])
+        log.append((obs.copy(), action.copy(), next_obs.copy(), envs.final_obs.copy(), terminated, truncated, valid))
+        obs = next_obs
     envs.close()
-    return rb, log
+    return rb, fields(rb), log
+
+
+def fields(rb):
+    """The buffer's columns by name (it stores each transition as one row)."""
+    return dict(zip(["obs", "actions", "rewards", "next_obs", "dones"], rb.data.split(rb.fields, 1)))
 
 
 def test_time_limit_stores_the_final_observation_not_the_reset_one_dm_control(script):
     """dm_control (SAME_STEP autoreset) returns the next episode's first observation at a time limit; the buffer
     must hold the observation the episode ended in. Replayed on a plain single env with the same seed and actions."""
     _, m = script
-    rb, log = fill_buffer(m, "dm_control", "CartpoleBalance", 1001)
+    rb, f, log = fill_buffer(m, "dm_control", "CartpoleBalance", 1001)
     ends = [t for t, entry in enumerate(log) if entry[5][0]]
     assert ends == [999]  # the 1000-step time limit
     single = gym.make("dm_control/cartpole-balance-v0")
     gym_obs, _ = single.reset(seed=3)
     for t in range(1000):
         gym_obs, *_ = single.step(log[t][1][0])
-    true_final = m.VecEnv.flatten({k: np.asarray(v)[None] for k, v in gym_obs.items()})[0]
-    stored_next = rb.next_obs[999 * 2].numpy()  # env 0's transition of step 999 (2 envs per step, all valid)
+    true_final = np.concatenate([np.asarray(gym_obs[k]).ravel() for k in sorted(gym_obs)])
+    stored_next = f["next_obs"][999 * 2].numpy()  # env 0's transition of step 999 (2 envs per step, all valid)
     # (float32 rounding of the action mapping makes the two trajectories drift apart by ~1e-5 in 1000 steps)
     np.testing.assert_allclose(stored_next, true_final, atol=1e-3)
     assert np.abs(stored_next - log[999][2][0]).max() > 0.1  # the returned obs is already the next episode's
-    np.testing.assert_allclose(rb.obs[1000 * 2].numpy(), log[999][2][0])  # ... which is where the next transition starts
-    assert rb.dones[999 * 2] == 0  # truncation is not termination: the target bootstraps
+    np.testing.assert_allclose(f["obs"][1000 * 2].numpy(), log[999][2][0])  # ... which is where the next transition starts
+    assert f["dones"][999 * 2] == 0  # truncation is not termination: the target bootstraps
     assert rb.size == 2002
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_termination_is_done_and_reset_steps_are_not_stored(script, backend):
     _, m = script
-    rb, log = fill_buffer(m, backend, "Hopper-v5", 300)  # random actions topple the hopper within a few dozen steps
+    rb, f, log = fill_buffer(m, backend, "Hopper-v5", 300)  # random actions topple the hopper within a few dozen steps
     n = rb.size
     valid = np.stack([entry[6] for entry in log])
     terminated = np.stack([entry[4] for entry in log])
     assert terminated.any()
     assert n == valid.sum()  # EnvPool's reset steps (action ignored, reward of no episode) are not transitions
-    assert rb.dones[:n].sum() == terminated[valid].sum()
+    assert f["dones"][:n].sum() == terminated[valid].sum()
     if backend == "envpool":
         assert (~valid).any()
     # Env 0's first terminal transition holds the observation its episode ended in: replay its actions on a single env
@@ -79,10 +86,10 @@ def test_termination_is_done_and_reset_steps_are_not_stored(script, backend):
     single.reset()  # fill_buffer resets twice; EnvPool's second reset draws a new initial state
     for t in range(t_end + 1):
         single.step(log[t][1][:1])
-    np.testing.assert_allclose(rb.next_obs[index].numpy(), single.final_obs[0], atol=1e-5)
-    assert rb.dones[index] == 1
+    np.testing.assert_allclose(f["next_obs"][index].numpy(), single.final_obs[0], atol=1e-5)
+    assert f["dones"][index] == 1
     first_obs_after = next(entry[0][0] for entry in log[t_end + 1 :] if entry[6][0])  # where env 0's next episode starts
-    assert np.abs(rb.next_obs[index].numpy() - first_obs_after).max() > 0.05  # a final observation, not a reset one
+    assert np.abs(f["next_obs"][index].numpy() - first_obs_after).max() > 0.05  # a final observation, not a reset one
 
 
 # ---------------------------------------------------------------- SAC updates
@@ -92,14 +99,35 @@ def batch(obs_dim=5, action_dim=2, n=64, seed=0):
             torch.randn(n, obs_dim, generator=g), (torch.rand(n, generator=g) < 0.1).float())
 
 
-def test_soft_update_is_polyak_averaging(script):
+def two_critics(m, seed, obs_dim=5, action_dim=2):
+    """(batched critic, [Q1, Q2] as two separate CleanRL critics): the same two initializations, drawn the same way."""
+    torch.manual_seed(seed)
+    batched = m.SoftQNetwork(obs_dim, action_dim)
+    torch.manual_seed(seed)
+    return batched, [m.mlp([obs_dim + action_dim, 256, 256, 1]) for _ in range(2)]
+
+
+def test_batched_critics_equal_two_separate_networks(script):
+    """SoftQNetwork holds both critics as stacked weights: its Q1 and Q2, their critic losses and their gradients are
+    those of two separate networks on a fixed batch. Dropping one network's weights from the stack (both rows one
+    network) fails here."""
     _, m = script
-    torch.manual_seed(0)
-    online, target = m.SoftQNetwork(5, 2), m.SoftQNetwork(5, 2)
-    before = [p.clone() for p in target.parameters()]
-    m.soft_update(target, online, 0.005)
-    for b, p, o in zip(before, target.parameters(), online.parameters()):
-        torch.testing.assert_close(p, 0.995 * b + 0.005 * o)
+    batched, separate = two_critics(m, 0)
+    obs, actions, rewards, next_obs, dones = batch()
+    target = torch.randn(len(obs))
+    q = batched(obs, actions)
+    reference = torch.stack([net(torch.cat([obs, torch.tanh(actions)], -1)).squeeze(-1) for net in separate])
+    torch.testing.assert_close(q, reference, rtol=1e-5, atol=1e-5)
+    assert (reference[0] - reference[1]).abs().mean() > 0.05  # two different critics, so a stack of one would show
+    losses = ((q - target) ** 2).mean(1)
+    ref_losses = torch.stack([((r - target) ** 2).mean() for r in reference])
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    losses.sum().backward()
+    ref_losses.sum().backward()
+    for i, (w, b) in enumerate(zip(batched.weights, batched.biases)):
+        for k, net in enumerate(separate):
+            torch.testing.assert_close(w.grad[k], net[2 * i].weight.grad.T, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b.grad[k, 0], net[2 * i].bias.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_sac_update_moves_targets_by_tau_after_the_critic_step(script):
@@ -107,13 +135,11 @@ def test_sac_update_moves_targets_by_tau_after_the_critic_step(script):
     torch.manual_seed(0)
     args = m.Args(policy_frequency=1)
     sac = m.make_sac(5, 2, args, "cpu")
-    old_targets = [copy.deepcopy(sac.qf1_target), copy.deepcopy(sac.qf2_target)]
-    old_online = copy.deepcopy(sac.qf1)
-    m.sac_update(sac, *batch(), args, update=0)
-    assert any(not torch.equal(a, b) for a, b in zip(old_online.parameters(), sac.qf1.parameters()))  # the critic moved
-    for old, target, online in zip(old_targets, [sac.qf1_target, sac.qf2_target], [sac.qf1, sac.qf2]):
-        for o, t, q in zip(old.parameters(), target.parameters(), online.parameters()):
-            torch.testing.assert_close(t, (1 - args.tau) * o + args.tau * q)  # toward the *updated* critic
+    old_target, old_online = copy.deepcopy(sac.qf_target), copy.deepcopy(sac.qf)
+    m.sac_update(sac, *batch(), args, True)
+    assert any(not torch.equal(a, b) for a, b in zip(old_online.parameters(), sac.qf.parameters()))  # the critics moved
+    for o, t, q in zip(old_target.parameters(), sac.qf_target.parameters(), sac.qf.parameters()):
+        torch.testing.assert_close(t, (1 - args.tau) * o + args.tau * q)  # toward the *updated* critics
 
 
 def actor_with_log_std(m, action_dim, log_std):
@@ -136,7 +162,7 @@ def test_entropy_coefficient_moves_toward_the_target_entropy(script, log_std, di
     sac = m.make_sac(5, 2, args, "cpu")
     sac.actor = actor_with_log_std(m, 2, log_std)
     sac.actor_optimizer = torch.optim.Adam(sac.actor.parameters(), lr=0.0)  # keep the policy as set
-    _, pi_stats = m.sac_update(sac, *batch(), args, update=0)
+    _, pi_stats = m.sac_update(sac, *batch(), args, True)
     entropy = float(pi_stats["losses/entropy"])
     assert (entropy > sac.target_entropy) == (direction < 0)
     assert np.sign(float(sac.log_alpha.detach())) == direction  # log alpha starts at 0 (alpha 1)
@@ -147,7 +173,7 @@ def test_no_autotune_keeps_alpha_fixed(script):
     args = m.Args(policy_frequency=1, autotune=False, alpha=0.2)
     sac = m.make_sac(5, 2, args, "cpu")
     for i in range(3):
-        m.sac_update(sac, *batch(seed=i), args, update=i)
+        m.sac_update(sac, *batch(seed=i), args, True)
     assert float(sac.log_alpha.exp()) == pytest.approx(0.2)
 
 
@@ -182,7 +208,7 @@ def test_identity_decoder_in_stage_0_acts_exactly_like_sac():
     sac = sac_m.make_sac(11, 3, sac_m.Args(), "cpu")
     torch.manual_seed(0)
     gorl = gorl_m.make_sac(11, 3, gorl_m.Args(), "cpu")
-    for a, b in zip([*sac.actor.parameters(), *sac.qf1.parameters()], [*gorl.actor.parameters(), *gorl.qf1.parameters()]):
+    for a, b in zip([*sac.actor.parameters(), *sac.qf.parameters()], [*gorl.actor.parameters(), *gorl.qf.parameters()]):
         assert torch.equal(a, b)
     decoder = gorl_m.Decoder(11, 3, 64)
     torch.manual_seed(5)
@@ -193,7 +219,7 @@ def test_identity_decoder_in_stage_0_acts_exactly_like_sac():
         torch.testing.assert_close(torch.tanh(decoder(obs, z)), torch.tanh(u))
         torch.testing.assert_close(torch.tanh(decoder(obs, z_mean)), torch.tanh(u_mean))
     torch.testing.assert_close(latent_log_prob, log_prob)  # the same entropy term
-    torch.testing.assert_close(gorl.qf1(obs, z), sac.qf1(obs, u))  # and the same critic
+    torch.testing.assert_close(gorl.qf(obs, z), sac.qf(obs, u))  # and the same critics
 
 
 def test_actor_and_critic_losses_send_no_gradient_to_the_decoder():
@@ -210,11 +236,11 @@ def test_actor_and_critic_losses_send_no_gradient_to_the_decoder():
         env_action = torch.tanh(decoder(obs, z))
     assert env_action.shape == z.shape
     _, _, reward, next_obs, done = batch()
-    q_stats, pi_stats = gorl_m.sac_update(sac, obs, z, reward, next_obs, done, args, update=0)
+    q_stats, pi_stats = gorl_m.sac_update(sac, obs, z, reward, next_obs, done, args, True)
     assert pi_stats is not None and float(pi_stats["gorl/latent_kl"]) > 0  # the KL term was part of the actor loss
     assert all(p.grad is None for p in decoder.parameters())
     assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())
-    assert all(p.grad is not None for p in sac.actor.parameters()) and all(p.grad is not None for p in sac.qf1.parameters())
+    assert all(p.grad is not None for p in sac.actor.parameters()) and all(p.grad is not None for p in sac.qf.parameters())
 
 
 def test_kl_term_pulls_the_latent_policy_to_the_prior():
@@ -226,7 +252,7 @@ def test_kl_term_pulls_the_latent_policy_to_the_prior():
     obs = torch.randn(64, 5)
     kl_before = float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach())
     for i in range(30):
-        gorl_m.sac_update(sac, obs, *batch()[1:], args, update=i)
+        gorl_m.sac_update(sac, obs, *batch()[1:], args, True)
     assert float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach()) < 0.5 * kl_before
 
 
@@ -250,8 +276,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, script,
 @pytest.mark.parametrize("args,message", [
     (["--beta", "-0.1"], "--beta must be non-negative"),
     (["--stage-weights", "1", "0"], "--stage-weights must be positive"),
-    (["--total-timesteps", "12000"], "gives a stage of 3000 steps; each needs at least 5001"),
-    (["--refine-episodes", "4"], "smaller than the refit batch"),
+    (["--total-timesteps", "12000"], "each stage of --total-timesteps 12000 needs more than --learning-starts"),
+    (["--refine-episodes", "4"], "--refine-episodes at least 2"),
 ])
 def test_gorl_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     code, out, err = run_inprocess("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)
@@ -323,3 +349,37 @@ def test_both_scripts_start_from_the_same_policy(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         returns.append(read_scalars(only_run_dir(cwd))["eval/episodic_return"][0][1])
     assert returns[0] == returns[1]
+
+
+# ---------------------------------------------------------------- --compile
+def test_compile_falls_back_with_one_line_where_torch_compile_cannot_build(script, capsys, monkeypatch):
+    _, m = script
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    update = m.compile_update(m.sac_update, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert update is m.sac_update and out.count("\n") == 1 and out.startswith("note: --compile: torch.compile does not work here")
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 cores
+def test_compiled_update_computes_what_the_eager_one_does(script):
+    _, m = script
+    args = m.Args(policy_frequency=1)
+    torch.manual_seed(0)
+    eager_sac = m.make_sac(5, 2, args, "cpu")
+    compiled_sac = copy.deepcopy(eager_sac)
+    compiled = m.compile_update(m.sac_update, torch.device("cpu"))
+    for i in range(3):
+        torch.manual_seed(i)
+        q, pi = m.sac_update(eager_sac, *batch(seed=i), args, True)
+        torch.manual_seed(i)
+        cq, cpi = compiled(compiled_sac, *batch(seed=i), args, True)
+        for name in q:
+            torch.testing.assert_close(cq[name], q[name], rtol=1e-4, atol=1e-5)
+        for name in pi:
+            torch.testing.assert_close(cpi[name], pi[name], rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager_sac.qf.parameters(), compiled_sac.qf.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
