@@ -4,6 +4,8 @@ InvertedPendulum-v5 separates learning from not learning clearly: the untrained 
 through the identity decoder, or a Gaussian mean near 0) returns about 24, since the pole falls within a few dozen
 steps, and 1000 is only reachable by balancing for the whole episode. With these settings every seed tried (1, 2,
 3) reached 1000 within the first stage on this machine, so the thresholds have a wide margin on other float paths."""
+import os
+
 import pytest
 
 from conftest import only_run_dir, read_scalars, run_script
@@ -66,3 +68,30 @@ def test_ppo_gaussian_learns_cartpole_balance(tmp_path):
     # 756 +- 22 (max 774), because the pole starts upright and falls slowly. 900 is only reachable by actually
     # balancing (seeds 1, 2, 3 here: 994.7, 998.7, 925.3 after 400k steps).
     assert evals[-1][1] > 900, evals
+
+
+# A refit on a task where a partial loss shows: CheetahRun's stage 0 (250k steps of CPU-sized GoRL-FM) ends at a
+# return of about 150 to 300, far from any ceiling, and the refit (the README's 32 episodes) must keep at least 70% of
+# it with the restarted encoder. With `--refine-episodes 2 --refine-num-envs 2` (one training episode, one held out)
+# the decoder learns one trajectory's actions and the policy falls far below that (see docs/gorl-stages.md).
+CHEETAH_ARGS = ["--env-id", "CheetahRun", "--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8",
+                "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--ent-coef", "0",
+                "--ent-coef-later", "0", "--total-timesteps", "253440", "--stage-weights", "65", "1", "--eval-every", "1000000",
+                "--num-eval-envs", "32", "--refine-episodes", "32", "--refine-num-envs", "16", "--decoder-batch-size", "1024"]
+
+
+@pytest.mark.slow  # two CheetahRun runs of about 3 minutes each
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_a_refit_on_cheetah_run_keeps_at_least_70_percent_of_the_stage(tmp_path, seed):
+    r = run_script("gorl_ppo_fm.py", [*CHEETAH_ARGS, "--seed", seed, *REFIT_OVERRIDE], tmp_path, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = read_scalars(only_run_dir(tmp_path))
+    stage_end, after = s["gorl/eval_after_refit"][0]
+    before = dict(s["eval/episodic_return"])[stage_end]
+    assert before > 100, s["eval/episodic_return"]  # stage 0 learned to run, so a loss can show
+    assert after >= 0.7 * before, (before, after)
+
+
+REFIT_OVERRIDE = []  # `pytest -m slow` with GORL_TEST_REFIT_EPISODES=2 shows the check failing on a one-episode refit
+if os.environ.get("GORL_TEST_REFIT_EPISODES"):
+    REFIT_OVERRIDE = ["--refine-episodes", os.environ["GORL_TEST_REFIT_EPISODES"], "--refine-num-envs", "2"]

@@ -23,6 +23,7 @@ import inspect
 import linecache
 import math
 import os
+import runpy
 import sys
 import types
 
@@ -115,16 +116,15 @@ RUNS = {
     "fpo": ("fpo.py", [*COMMON, "--flow-steps", "4", "--learning-rate", "5e-2"]),
     # seed 3: one Adam step takes 28 per-sample log-ratios of the second minibatch below -3 (down to -9)
     "fpo-per-sample": ("fpo.py", [*COMMON, "--flow-steps", "4", "--no-average-losses-before-exp", "--learning-rate", "7e-2", "--seed", "3"]),
+    # gamma_denoising 0.5: the step weights differ from 1; --min-std 0.05: the log-prob clamp's upper end (2) is reachable
     "dppo": ("dppo.py", [*COMMON, "--denoising-steps", "4", "--gamma-denoising", "0.5", "--min-std", "0.05"]),
 }
-KEPT = ["idx", "values", "advantages", "v_targets", "logratio", "ratio", "pg_loss", "v_loss", "entropy", "loss", "new_losses"]
-BATCH = ["b_obs", "b_actions", "b_logprobs", "b_eps", "b_t", "b_old_losses", "step_weights"]
+KEPT = ["idx", "values", "advantages", "v_targets", "logratio", "ratio", "pg_loss", "v_loss", "entropy", "loss"]  # per minibatch
+BATCH = ["b_obs", "b_actions", "b_logprobs", "b_eps", "b_t"]  # the iteration's stored rollout (FPO: its (eps, t) samples)
 
 
 def run_with_snapshots(name, argv, cwd):
     """Runs the script's main here; returns the run, with a snapshot of main's locals at every `optimizer.step()`."""
-    import runpy
-
     path, snapshots, entropy_rng, batch = script_path(name), [], [], {}
     is_step = {}
 
@@ -300,7 +300,6 @@ def ppo_family_reference(run_id, run, k, drop=frozenset(), grads=False):
         a, eps, t = run.b_actions[idx].double(), run.b_eps[idx].double(), run.b_t[idx].double()
         new = cfm_losses(agent, x, a, eps, t)
         old = new.detach() if "old_policy" in drop else cfm_losses(rollout_agent, x, a, eps, t)
-        out["new_losses"] = new
         if args.average_losses_before_exp:  # upstream default: one ratio per action, exp(mean_S L_old - mean_S L_new)
             logratio = old.mean(-1) - new.mean(-1)
             ratio = (old - new).exp().mean(-1) if "average_before_exp" in drop else logratio.exp()
@@ -356,7 +355,9 @@ def full_reference(run_id, run, k):
 
 GAE_RUNS = ["ppo", "fpo", "dppo"]  # the shared GAE lines, in each of the three scripts
 ALL_RUNS = list(RUNS)
-# (runs, term removed, the number it changes, what it pins)
+# (runs, term removed, the number it changes, what it pins). GAE and the advantage: Brax PPO's compute_gae and loss
+# (the authors' code; GAE of Schulman et al. 2016); the surrogate: PPO-clip (Schulman et al. 2017, eq. 7); the ratios:
+# FPO (McAllister et al. 2025, upstream fpo.py) and DPPO (Ren et al. 2024, upstream diffusion_ppo.py).
 PPO_FAMILY_TERMS = [
     (GAE_RUNS, "termination_delta", "v_targets", "no bootstrap from V(s') after a termination: delta = r + gamma (1 - term) V' - V"),
     (GAE_RUNS, "termination_trace", "v_targets", "the GAE trace stops at a termination: gamma lam (1 - term) (vs' - V')"),
@@ -388,11 +389,12 @@ PPO_FAMILY_TERMS = [
 ]
 # The mask in the value loss, vf_coef * mean(mask * (vs - V)^2), is not among them: GAE already makes vs = V at every
 # masked step (its delta and trace are 0), so the mask multiplies zeros and removing it cannot change any number.
-CASES = [pytest.param(run_id, term, quantity, id=f"{run_id}-{term}") for runs_, term, quantity, _ in PPO_FAMILY_TERMS for run_id in runs_]
+CASES = [pytest.param(run_id, term, quantity, what, id=f"{run_id}-{term}") for runs_, term, quantity, what in PPO_FAMILY_TERMS
+         for run_id in runs_]
 
 
-@pytest.mark.parametrize("run_id,term,quantity", CASES)
-def test_ppo_family_loss_term(runs, run_id, term, quantity):
+@pytest.mark.parametrize("run_id,term,quantity,what", CASES)
+def test_ppo_family_loss_term(runs, run_id, term, quantity, what):
     run = runs(run_id)
     grads = quantity.endswith("_grad")
     errors, effects = [], []
@@ -401,7 +403,7 @@ def test_ppo_family_loss_term(runs, run_id, term, quantity):
         ablated = ppo_family_reference(run_id, run, k, frozenset([term]), grads=grads)
         errors.append(distance(script_quantity(snap, quantity), full[quantity], grads))
         effects.append(distance(ablated[quantity], full[quantity], grads))
-    assert_pinned(f"{run_id}: {term} ({quantity})", errors, effects)
+    assert_pinned(f"{run_id}: {term} ({quantity}: {what})", errors, effects)
 
 
 @pytest.mark.parametrize("run_id", ALL_RUNS)
@@ -592,7 +594,7 @@ def sac_reference(args, h, drop=frozenset()):
         min_q = qa if "actor_min" in drop else torch.min(qa, qb)
         actor_loss = ((0.0 if "actor_entropy" in drop else alpha_i * log_pi) - min_q).mean()  # alpha log pi - min Q
         out["actor_grad"].append(torch.cat([g.flatten() for g in torch.autograd.grad(actor_loss, list(actor_i.parameters()))]))
-        # alpha loss -exp(log_alpha) (log pi + target entropy) (SAC v2 eq. 18, as CleanRL); d/d log_alpha of it is itself
+        # alpha loss -exp(log_alpha) (log pi + target entropy) (SAC v2, as CleanRL); d/d log_alpha of it is itself
         sign = 1.0 if "alpha_sign" in drop else -1.0
         target_entropy = 0.0 if "alpha_target_entropy" in drop else -float(SAC_ACTIONS)
         alpha_loss = sign * alpha_i * (log_pi.detach() + target_entropy).mean()
@@ -627,7 +629,8 @@ def sac_first_update(one_thread):
     return args, history[0]
 
 
-# (term removed, the numbers it changes, what it pins)
+# (term removed, the numbers it changes, what it pins): SAC v2's losses (Haarnoja et al. 2018b) with clipped double
+# Q (Fujimoto et al. 2018), as CleanRL's sac_continuous_action.py; the critic steps on the sum of both critics' MSE.
 SAC_TERMS = [
     ("target_min", ["critic_grad", "critic_losses"], "the target takes the min of both target critics (clipped double Q)"),
     ("target_entropy", ["critic_grad", "critic_losses"], "the soft target's - alpha log pi(a'|s') entropy term"),
@@ -648,8 +651,8 @@ SAC_TERMS = [
 # needs no gradient). That line has no test because it cannot have one.
 
 
-@pytest.mark.parametrize("term,quantities", [pytest.param(t, q, id=t) for t, q, _ in SAC_TERMS])
-def test_sac_loss_term(sac_first_update, term, quantities):
+@pytest.mark.parametrize("term,quantities,what", [pytest.param(t, q, w, id=t) for t, q, w in SAC_TERMS])
+def test_sac_loss_term(sac_first_update, term, quantities, what):
     args, h = sac_first_update
     assert len(h.critic) == 1 and len(h.actor) == len(h.alpha) == 2  # the batch exercises every step
     full, ablated = sac_reference(args, h), sac_reference(args, h, frozenset([term]))
@@ -658,7 +661,7 @@ def test_sac_loss_term(sac_first_update, term, quantities):
         relative_norm = quantity.endswith("_grad")
         errors += sac_errors(sac_script_quantity(h, quantity), full[quantity], relative_norm)
         effects += sac_errors(ablated[quantity], full[quantity], relative_norm)
-    assert_pinned(f"sac: {term}", errors, effects)
+    assert_pinned(f"sac: {term} ({what})", errors, effects)
 
 
 def test_sac_critic_step_is_one_adam_step_on_the_critic_gradient(sac_first_update):
@@ -683,7 +686,7 @@ def test_sac_polyak_target_update_after_every_critic_update():
     args, history = sac_updates([0, 1, 2, 3])
     assert [len(h.actor) > 0 for h in history] == [True, False, True, False]
     for h in history:
-        for before, online, after in zip(parameters_of(h.before["target"]), h.after["online"], h.after["target"]):
+        for before, online, after in zip(values_of(parameters_of(h.before["target"])), h.after["online"], h.after["target"]):
             expected = (1 - args.tau) * before + args.tau * online
             error, effect = float((after - expected).abs().max()), float((expected - before).abs().max())
             assert effect > 1e-5 and error < 1e-3 * effect, f"update {h.update}: {error:.1e} from Polyak's (moves {effect:.1e})"
@@ -707,7 +710,6 @@ def test_sac_main_makes_actor_updates_every_policy_frequency_updates(tmp_path, m
             f = frame.f_locals
             calls.append((caller.f_locals["updates"], f["actor_step"] if "actor_step" in f else f["update"] % 3 == 0))
 
-    import runpy
     monkeypatch.setattr(gym.vector, "SyncVectorEnv", ScriptedEnvs)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["sac_gaussian.py", "--env-id", "InvertedPendulum-v5", "--env-backend", "dm_control", "--no-cuda",
