@@ -8,7 +8,8 @@ The README installs with `pip install -r requirements.txt && pip install --no-de
 same command; the --no-deps pins are read from there). For each (Python, platform) it prints which EnvPool line
 applies, resolves the first install with `pip install --dry-run --only-binary=:all: --python-version X --platform P
 --ignore-installed --target <tmp> -r ...`, checks that the second install's pins have wheels there too, and that
-every dependency of the second install comes from the first, except ALLOWED_MISSING.
+every dependency of the second install comes from the first, except ALLOWED_MISSING. pip asks only its default index
+(this machine's pip configuration is ignored unless --use-pip-config).
 pip evaluates environment markers for the machine it runs on, not for --python-version/--platform, so the markers of
 requirements.txt are evaluated here for the target and pip gets the lines that apply there, markers removed. The
 markers inside the packages' own dependencies (torch's CUDA libraries, for one) pip would still evaluate for this
@@ -16,7 +17,7 @@ machine, so pip resolves in full only the target that is this machine's OS and C
 level by level: pip --no-deps on the requirements so far, then the dependencies in the metadata of what it picked,
 their markers evaluated here for the target, added as requirements, until nothing new comes (every package has a
 wheel there and the version bounds met on the way hold together; pip's backtracking is not repeated). Needs the index
-(about a minute per target: lazy wheels via HTTP range requests, so torch's large wheels are not downloaded).
+(under a minute per target: pip reads the wheels' metadata only, so torch's large wheels are not downloaded).
 Exit code 0 when every target passes.
 """
 import argparse
@@ -90,7 +91,7 @@ def no_deps_pins(ci_run):
     return sorted(set(pins))
 
 
-def dry_run(lines, python, tags, no_deps):
+def dry_run(lines, python, tags, no_deps, pip_env):
     """(ok, error or "", {canonical name: pip's report entry} of what pip would install)"""
     with tempfile.TemporaryDirectory() as tmp:
         req_file, report_file = os.path.join(tmp, "requirements.txt"), os.path.join(tmp, "report.json")
@@ -100,32 +101,42 @@ def dry_run(lines, python, tags, no_deps):
                *[a for t in tags for a in ("--platform", t)], "--ignore-installed", "--use-feature=fast-deps",
                "--target", os.path.join(tmp, "target"), "--report", report_file, "-r", req_file,
                *(["--no-deps"] if no_deps else [])]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=pip_env)
         if r.returncode == 0:
             return True, "", {canonical(i["metadata"]["name"]): i for i in json.load(open(report_file))["install"]}
     errors = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
     return False, errors[-1] if errors else r.stderr.strip()[-300:], {}
 
 
-def resolve_for_target(lines, python, tags, environment):
-    """Level by level with pip --no-deps, the packages' dependency markers evaluated for the target (see the top)."""
-    requirements = set(lines)
-    while True:
-        ok, error, installs = dry_run(sorted(requirements), python, tags, no_deps=True)
-        if not ok:
-            return ok, error, installs
+def resolve_for_target(lines, python, tags, environment, pip_env):
+    """Level by level with pip --no-deps, the packages' dependency markers evaluated for the target (see the top).
+    Each level asks pip only for the names not picked yet; a bound that a package picked earlier misses sends every
+    requirement so far to pip at once, which then picks versions meeting them all."""
+    requirements, picked, pending = set(), {}, set(lines)
+    while pending:
+        requirements |= pending
+        new_names = {canonical(Requirement(r).name) for r in pending} - set(picked)
+        if any(canonical(r.name) in picked and not r.specifier.contains(picked[canonical(r.name)]["metadata"]["version"],
+                                                                         prereleases=True) for r in map(Requirement, pending)):
+            batch, picked = sorted(requirements), {}
+        else:
+            batch = sorted(r for r in requirements if canonical(Requirement(r).name) in new_names)
+        if batch:
+            ok, error, installs = dry_run(batch, python, tags, no_deps=True, pip_env=pip_env)
+            if not ok:
+                return ok, error, installs
+            picked.update(installs)
         extras = {}
         for req in map(Requirement, requirements):
             extras.setdefault(canonical(req.name), set()).update(req.extras)
-        new = set()
-        for name, install in installs.items():
+        wanted = set()
+        for name, install in picked.items():
             for dependency in map(Requirement, install["metadata"].get("requires_dist") or []):
                 if applies(dependency, environment, extras.get(name, ())):
                     dependency.marker = None
-                    new.add(str(dependency))
-        if new <= requirements:
-            return ok, error, installs
-        requirements |= new
+                    wanted.add(str(dependency))
+        pending = wanted - requirements
+    return True, "", picked
 
 
 def listing(installs):
@@ -139,7 +150,16 @@ def main():
     parser.add_argument("--pythons", nargs="+", default=["3.10", "3.11", "3.12", "3.13", "3.14"])
     parser.add_argument("--platforms", nargs="+", default=list(PLATFORMS), choices=list(PLATFORMS))
     parser.add_argument("--verbose", action="store_true", help="print the full lists of what each install would bring")
+    parser.add_argument("--use-pip-config", action="store_true",
+                        help="keep pip's configuration (extra indexes, find-links, constraints); by default pip asks only its "
+                             "default index, the one every machine has, since a local index may carry other wheels or omit "
+                             "Requires-Python (then pip here picks releases that the Python does not support)")
     args = parser.parse_args()
+    pip_env = dict(os.environ)
+    if not args.use_pip_config:
+        for name in ["PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_NO_INDEX"]:
+            pip_env.pop(name, None)
+        pip_env["PIP_CONFIG_FILE"] = os.devnull  # pip then reads no configuration file at all
     second = no_deps_pins(args.ci_run)
     print(f"first install: -r {os.path.relpath(args.requirements)}; second install: --no-deps {' '.join(second)}")
     failed = 0
@@ -150,16 +170,16 @@ def main():
             lines = requirement_lines(args.requirements, environment)
             envpool = next((line for line in lines if line.startswith("envpool")), "no envpool (dm_control only)")
             if (env["sys_platform"], env["platform_machine"]) == (sys.platform, platform.machine()):
-                ok, detail, first = dry_run(lines, python, tags, no_deps=False)
+                ok, detail, first = dry_run(lines, python, tags, no_deps=False, pip_env=pip_env)
                 check = "pip's full resolution"
             else:
-                ok, detail, first = resolve_for_target(lines, python, tags, environment)
+                ok, detail, first = resolve_for_target(lines, python, tags, environment, pip_env)
                 check = "resolution level by level (dependency markers for the target)"
             if ok:
                 detail = listing(first) if args.verbose else f"{len(first)} packages"
             # The second install: its wheels exist, it pins what requirements.txt pins, and the first brings its deps.
             pinned = {canonical(Requirement(line).name): Requirement(line).specifier for line in lines}
-            ok2, detail2, installs = dry_run(second, python, tags, no_deps=True)
+            ok2, detail2, installs = dry_run(second, python, tags, no_deps=True, pip_env=pip_env)
             for pin in map(Requirement, second):
                 if canonical(pin.name) in pinned and pinned[canonical(pin.name)] != pin.specifier:
                     ok2, detail2 = False, f"{pin} differs from requirements.txt's {pinned[canonical(pin.name)]}"
