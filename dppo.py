@@ -59,7 +59,7 @@ class Args:
     capture_video: bool = False
     """if toggled, render env 0's episode of every evaluation through dm_control (either backend) to `videos/`"""
     save_model: bool = False
-    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    """if toggled, keep the final checkpoint (networks, normalizer, args, ...) as `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None

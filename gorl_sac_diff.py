@@ -69,7 +69,7 @@ class Args:
     capture_video: bool = False
     """if toggled, render env 0's episode of every evaluation through dm_control (either backend) to `videos/`"""
     save_model: bool = False
-    """if toggled, save the model (networks, normalizer, args) to `runs/{run_name}/{exp_name}.cleanrl_model`"""
+    """if toggled, keep the final checkpoint (networks, normalizer, args, ...) as `runs/{run_name}/{exp_name}.cleanrl_model`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
@@ -335,48 +335,42 @@ class ReplayBuffer:
         self.data[: state["size"]], self.pos, self.size = state["data"], state["pos"], state["size"]
 
 
-def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor_step):
-    """One critic step on a batch (normalized observations); with `actor_step` (every `policy_frequency` updates),
-    `policy_frequency` actor and alpha steps; then the target update. Returns (critic stats, actor stats or None)."""
-    with torch.no_grad():
-        next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
-        min_qf_next = sac.qf_target(next_obs, next_actions).min(0).values - sac.log_alpha.exp() * next_log_pi
-        next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
-    qf_a_values = sac.qf(obs, actions)  # [2, batch]
-    qf_loss = ((qf_a_values - next_q_value) ** 2).mean(1)  # each critic's MSE
-    sac.q_optimizer.zero_grad()
-    qf_loss.sum().backward()
-    sac.q_optimizer.step()
-    q_stats = {"losses/qf1_values": qf_a_values[0].mean(), "losses/qf2_values": qf_a_values[1].mean(),
-               "losses/qf1_loss": qf_loss[0], "losses/qf2_loss": qf_loss[1], "losses/qf_loss": qf_loss.mean()}
-    pi_stats = None
-
-    if actor_step:
-        for _ in range(args.policy_frequency):
-            pi, log_pi, _ = sac.actor.get_action(obs)
-            alpha = sac.log_alpha.exp().detach()
-            latent_kl = kl_to_prior(sac.actor.get_dist(obs)).mean()
-            actor_loss = (alpha * log_pi - sac.qf(obs, pi).min(0).values).mean() + args.beta * latent_kl
-            sac.actor_optimizer.zero_grad()
-            actor_loss.backward()
-            sac.actor_optimizer.step()
-            # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
-            alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
-            if args.autotune:
-                sac.a_optimizer.zero_grad()
-                alpha_loss.backward()
-                sac.a_optimizer.step()
-            pi_stats = {
-                "losses/actor_loss": actor_loss,
-                "losses/alpha": alpha,
-                "losses/alpha_loss": alpha_loss,
-                "losses/entropy": -log_pi.mean(),
-            }
-            pi_stats["gorl/latent_kl"] = latent_kl
-    with torch.no_grad():  # Polyak averaging, target <- tau * online + (1 - tau) * target, in one kernel
-        torch._foreach_lerp_(list(sac.qf_target.parameters()), list(sac.qf.parameters()), args.tau)
-    detach = lambda stats: None if stats is None else {name: value.detach() for name, value in stats.items()}  # noqa: E731
-    return detach(q_stats), detach(pi_stats)
+def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
+    """One step on a batch (normalized observations): a critic step and the target update, or with `actor` an actor
+    step and an alpha step (the loop makes `policy_frequency` of those every `policy_frequency` critic steps, delayed as
+    TD3 and CleanRL). No loop and no host sync inside, so --compile compiles each kind of step whole. Returns its losses."""
+    if not actor:
+        with torch.no_grad():
+            next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
+            min_qf_next = sac.qf_target(next_obs, next_actions).min(0).values - sac.log_alpha.exp() * next_log_pi
+            next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
+        qf_a_values = sac.qf(obs, actions)  # [2, batch]
+        qf_loss = ((qf_a_values - next_q_value) ** 2).mean(1)  # each critic's MSE
+        sac.q_optimizer.zero_grad()
+        qf_loss.sum().backward()
+        sac.q_optimizer.step()
+        with torch.no_grad():  # Polyak averaging, target <- tau * online + (1 - tau) * target, in one kernel
+            torch._foreach_lerp_(list(sac.qf_target.parameters()), list(sac.qf.parameters()), args.tau)
+        stats = {"losses/qf1_values": qf_a_values[0].mean(), "losses/qf2_values": qf_a_values[1].mean(),
+                 "losses/qf1_loss": qf_loss[0], "losses/qf2_loss": qf_loss[1], "losses/qf_loss": qf_loss.mean()}
+        return {name: value.detach() for name, value in stats.items()}
+    pi, log_pi, _ = sac.actor.get_action(obs)
+    alpha = sac.log_alpha.exp().detach()
+    latent_kl = kl_to_prior(sac.actor.get_dist(obs)).mean()
+    actor_loss = (alpha * log_pi - sac.qf(obs, pi).min(0).values).mean() + args.beta * latent_kl
+    sac.actor_optimizer.zero_grad()
+    actor_loss.backward()
+    sac.actor_optimizer.step()
+    # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
+    alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
+    if args.autotune:
+        sac.a_optimizer.zero_grad()
+        alpha_loss.backward()
+        sac.a_optimizer.step()
+    stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss,
+             "losses/entropy": -log_pi.mean()}
+    stats["gorl/latent_kl"] = latent_kl
+    return {name: value.detach() for name, value in stats.items()}
 
 
 def compile_update(update, device):
@@ -390,7 +384,7 @@ def compile_update(update, device):
         return update
     compiled, calls = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None), []
 
-    def timed(*args):  # its first two calls, with and without the actor step, compile
+    def timed(*args):  # its first two calls, a critic step and an actor step, compile
         start, out = time.time(), compiled(*args)
         if len(calls) < 2:
             calls.append(time.time() - start)
@@ -614,11 +608,11 @@ def main(args):
             num_updates = int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)
             for _ in range(num_updates):
                 b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
-                actor_step = updates % args.policy_frequency == 0
-                q, pi = update(sac, obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones, args, actor_step)
+                batch = (obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones)
+                q_stats.append(update(sac, *batch, args, False))
+                if updates % args.policy_frequency == 0:  # the delayed actor steps
+                    pi_stats += [update(sac, *batch, args, True) for _ in range(args.policy_frequency)]
                 updates += 1
-                q_stats.append(q)
-                pi_stats += [pi] if pi is not None else []
 
         log_point = crossed(global_step, N, 1000) or step in stage_ends  # log every 1000 env steps
         if log_point:

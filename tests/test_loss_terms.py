@@ -475,10 +475,16 @@ def parameters_of(modules):
 
 
 def call_sac_update(m, sac, batch, args, update):
-    """The `update`-th call of sac_update as main makes it: main passes `actor_step = update % policy_frequency == 0`
-    (earlier versions passed the counter itself)."""
+    """The `update`-th update as main makes it: a critic step (`actor=False`), and on every policy_frequency-th update
+    policy_frequency actor steps (`actor=True`). Returns (critic stats, the last actor step's stats or None). (Earlier
+    versions made all of it in one call, passed the counter or an `actor_step` flag.)"""
     last = list(inspect.signature(m.sac_update).parameters)[-1]
-    return m.sac_update(sac, *batch, args, update % args.policy_frequency == 0 if last == "actor_step" else update)
+    if last != "actor":
+        return m.sac_update(sac, *batch, args, update % args.policy_frequency == 0 if last == "actor_step" else update)
+    q_stats, pi_stats = m.sac_update(sac, *batch, args, False), None
+    for _ in range(args.policy_frequency if update % args.policy_frequency == 0 else 0):
+        pi_stats = m.sac_update(sac, *batch, args, True)
+    return q_stats, pi_stats
 
 
 def sac_batch(seed):
@@ -706,9 +712,10 @@ def test_sac_main_makes_actor_updates_every_policy_frequency_updates(tmp_path, m
 
     def hook(frame, event, arg):
         caller = frame.f_back
-        if event == "call" and frame.f_code.co_name == "sac_update" and caller is not None and caller.f_code.co_name == "main":
-            f = frame.f_locals
-            calls.append((caller.f_locals["updates"], f["actor_step"] if "actor_step" in f else f["update"] % 3 == 0))
+        if event == "call" and frame.f_code.co_name == "sac_update" and caller is not None and caller.f_code.co_name in ("main", "<listcomp>"):
+            while caller.f_code.co_name != "main":
+                caller = caller.f_back
+            calls.append((caller.f_locals["updates"], frame.f_locals["actor"]))
 
     monkeypatch.setattr(gym.vector, "SyncVectorEnv", ScriptedEnvs)
     monkeypatch.chdir(tmp_path)
@@ -721,8 +728,8 @@ def test_sac_main_makes_actor_updates_every_policy_frequency_updates(tmp_path, m
         runpy.run_path(path, run_name="__main__")
     finally:
         sys.setprofile(None)
-    assert [u for u, _ in calls] == list(range(9))
-    assert [a for _, a in calls] == [u % 3 == 0 for u in range(9)]
+    # each update: one critic step, and on updates 0, 3, 6 three actor steps after it
+    assert calls == [call for u in range(9) for call in [(u, False)] + [(u, True)] * (3 if u % 3 == 0 else 0)]
 
 
 def test_sac_without_autotune_keeps_alpha_and_uses_it():

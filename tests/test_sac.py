@@ -99,6 +99,13 @@ def batch(obs_dim=5, action_dim=2, n=64, seed=0):
             torch.randn(n, obs_dim, generator=g), (torch.rand(n, generator=g) < 0.1).float())
 
 
+def full_update(m, sac, batch, args):
+    """An update with the actor's turn, as main makes it: a critic step, then policy_frequency actor steps; returns the
+    critic step's and the last actor step's losses."""
+    q_stats = m.sac_update(sac, *batch, args, False)
+    return q_stats, [m.sac_update(sac, *batch, args, True) for _ in range(args.policy_frequency)][-1]
+
+
 def two_critics(m, seed, obs_dim=5, action_dim=2):
     """(batched critic, [Q1, Q2] as two separate CleanRL critics): the same two initializations, drawn the same way."""
     torch.manual_seed(seed)
@@ -136,7 +143,7 @@ def test_sac_update_moves_targets_by_tau_after_the_critic_step(script):
     args = m.Args(policy_frequency=1)
     sac = m.make_sac(5, 2, args, "cpu")
     old_target, old_online = copy.deepcopy(sac.qf_target), copy.deepcopy(sac.qf)
-    m.sac_update(sac, *batch(), args, True)
+    full_update(m, sac, batch(), args)
     assert any(not torch.equal(a, b) for a, b in zip(old_online.parameters(), sac.qf.parameters()))  # the critics moved
     for o, t, q in zip(old_target.parameters(), sac.qf_target.parameters(), sac.qf.parameters()):
         torch.testing.assert_close(t, (1 - args.tau) * o + args.tau * q)  # toward the *updated* critics
@@ -162,7 +169,7 @@ def test_entropy_coefficient_moves_toward_the_target_entropy(script, log_std, di
     sac = m.make_sac(5, 2, args, "cpu")
     sac.actor = actor_with_log_std(m, 2, log_std)
     sac.actor_optimizer = torch.optim.Adam(sac.actor.parameters(), lr=0.0)  # keep the policy as set
-    _, pi_stats = m.sac_update(sac, *batch(), args, True)
+    _, pi_stats = full_update(m, sac, batch(), args)
     entropy = float(pi_stats["losses/entropy"])
     assert (entropy > sac.target_entropy) == (direction < 0)
     assert np.sign(float(sac.log_alpha.detach())) == direction  # log alpha starts at 0 (alpha 1)
@@ -173,7 +180,7 @@ def test_no_autotune_keeps_alpha_fixed(script):
     args = m.Args(policy_frequency=1, autotune=False, alpha=0.2)
     sac = m.make_sac(5, 2, args, "cpu")
     for i in range(3):
-        m.sac_update(sac, *batch(seed=i), args, True)
+        full_update(m, sac, batch(seed=i), args)
     assert float(sac.log_alpha.exp()) == pytest.approx(0.2)
 
 
@@ -236,7 +243,7 @@ def test_actor_and_critic_losses_send_no_gradient_to_the_decoder():
         env_action = torch.tanh(decoder(obs, z))
     assert env_action.shape == z.shape
     _, _, reward, next_obs, done = batch()
-    q_stats, pi_stats = gorl_m.sac_update(sac, obs, z, reward, next_obs, done, args, True)
+    q_stats, pi_stats = full_update(gorl_m, sac, (obs, z, reward, next_obs, done), args)
     assert pi_stats is not None and float(pi_stats["gorl/latent_kl"]) > 0  # the KL term was part of the actor loss
     assert all(p.grad is None for p in decoder.parameters())
     assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())
@@ -252,7 +259,7 @@ def test_kl_term_pulls_the_latent_policy_to_the_prior():
     obs = torch.randn(64, 5)
     kl_before = float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach())
     for i in range(30):
-        gorl_m.sac_update(sac, obs, *batch()[1:], args, True)
+        full_update(gorl_m, sac, (obs, *batch()[1:]), args)
     assert float(gorl_m.kl_to_prior(sac.actor.get_dist(obs)).mean().detach()) < 0.5 * kl_before
 
 
@@ -374,9 +381,9 @@ def test_compiled_update_computes_what_the_eager_one_does(script):
     compiled = m.compile_update(m.sac_update, torch.device("cpu"))
     for i in range(3):
         torch.manual_seed(i)
-        q, pi = m.sac_update(eager_sac, *batch(seed=i), args, True)
+        q, pi = m.sac_update(eager_sac, *batch(seed=i), args, False), m.sac_update(eager_sac, *batch(seed=i), args, True)
         torch.manual_seed(i)
-        cq, cpi = compiled(compiled_sac, *batch(seed=i), args, True)
+        cq, cpi = compiled(compiled_sac, *batch(seed=i), args, False), compiled(compiled_sac, *batch(seed=i), args, True)
         for name in q:
             torch.testing.assert_close(cq[name], q[name], rtol=1e-4, atol=1e-5)
         for name in pi:
