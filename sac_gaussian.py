@@ -99,8 +99,9 @@ class Args:
     """entropy regularization coefficient, when not --autotune"""
     autotune: bool = True
     """automatic tuning of the entropy coefficient (starting at 1, target entropy -action_dim)"""
-    compile: bool = True
-    """torch.compile the update (CUDA: as CUDA graphs); it compiles once, at the first update; --no-compile: eager"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the update (on CUDA as CUDA graphs): `auto` on CUDA only, where kernel launches dominate an update;
+    on the CPU its 256-wide matmuls do, and compiling costs a minute for nothing (docs/performance.md)"""
     eval_every: int = 100_000
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 10
@@ -328,7 +329,7 @@ def compile_update(update, device):
         if len(calls) < 2:
             calls.append(time.time() - start)
             if len(calls) == 2:
-                print(f"compiled the update in {sum(calls):.0f} s (once; --no-compile runs it eagerly)")
+                print(f"compiled the update in {sum(calls):.0f} s (once; --compile off runs it eagerly)")
         return out
 
     return timed
@@ -348,7 +349,8 @@ def main(args):
     obs_dim, action_dim = next_obs.shape[1], envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
     sac = make_sac(obs_dim, action_dim, args, device)
-    update = compile_update(sac_update, device) if args.compile else sac_update
+    compiled = args.compile == "on" or args.compile == "auto" and device.type == "cuda"
+    update = compile_update(sac_update, device) if compiled else sac_update
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None

@@ -71,7 +71,7 @@ class CountOps(TorchDispatchMode):
 
 def updater(m, compiled):
     """The script's update, its networks and a batch sampler, as its main loop uses them."""
-    args = m.Args(env_id="Hopper-v5", **({"compile": compiled} if hasattr(m.Args, "compile") else {}))
+    args = m.Args(env_id="Hopper-v5")
     device, obs_dim, action_dim = torch.device("cpu"), 11, 3
     sac, rb = m.make_sac(obs_dim, action_dim, args, device), m.ReplayBuffer(10_000, obs_dim, action_dim, device)
     g = torch.Generator().manual_seed(0)
@@ -150,8 +150,8 @@ def main():
         ms, ops, launched, warmup = measure(args.script, mode == "compiled", args.updates)
         row = f"| {mode} | {ms:.2f} | {'-' if ops != ops else f'{ops:.0f}'} | {launched:.0f} | {warmup:.1f} |"
         if args.env_sps:
-            has_flag = "compile" in open(args.script).read()
-            sps = env_sps(args.script, args.threads, ([] if mode == "compiled" else ["--no-compile"]) if has_flag else [])
+            has_flag = "compile" in open(args.script).read()  # the version before had none: eager
+            sps = env_sps(args.script, args.threads, ["--compile", "on" if mode == "compiled" else "off"] if has_flag else [])
             row += f" {sps:.1f} | {4e6 / sps / 86400:.1f} days |"
         else:
             row += " | |"

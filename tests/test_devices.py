@@ -232,8 +232,8 @@ RUNS["gorl_ppo_diff.py"] = RUNS["gorl_ppo_fm.py"]
 
 
 def run(m, argv, rules):
-    """The script's main under the harness, as its command line runs it (--no-compile: torch.compile on a fake device)."""
-    args = tyro.cli(m.Args, args=argv + (["--no-compile"] if hasattr(m.Args, "compile") else []))
+    """The script's main under the harness, as its command line runs it (--compile off: no torch.compile on a fake device)."""
+    args = tyro.cli(m.Args, args=argv + (["--compile", "off"] if hasattr(m.Args, "compile") else []))
     try:
         with OnDev(), rules:
             m.main(args)

@@ -409,7 +409,7 @@ def test_per_stage_beta_and_kl_form_are_in_force(tmp_path, capsys, monkeypatch, 
 def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_path, capsys, monkeypatch):
     m = MODULES["gorl_sac_diff.py"]
     rec = Recorder(monkeypatch)
-    args = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--no-compile",
+    args = ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1",
             "--num-envs", "2", "--num-eval-envs", "3", "--eval-every", "100000", "--total-timesteps", "400", "--stage-weights", "1", "1",
             "--refine-episodes", "4", "--refine-num-envs", "4", "--decoder-epochs", "2", "--save-model"]
     s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)

@@ -503,7 +503,7 @@ def sac_updates(updates, **overrides):
     """Calls sac_update as main's `update`-th updates on a fresh SAC; returns each call's record: its batch and seed, the
     networks before it, what its optimizers' steps saw (parameters and gradients, not yet stepped), its stats."""
     m = sac_script()
-    args = m.Args(**{"gamma": 0.8, "policy_frequency": 2, "compile": False, **overrides})
+    args = m.Args(**{"gamma": 0.8, "policy_frequency": 2, "compile": "off", **overrides})
     torch.manual_seed(0)
     sac = m.make_sac(SAC_OBS, SAC_ACTIONS, args, "cpu")
     online, target = critic_modules(sac)
@@ -720,7 +720,7 @@ def test_sac_main_makes_actor_updates_every_policy_frequency_updates(tmp_path, m
     monkeypatch.setattr(gym.vector, "SyncVectorEnv", ScriptedEnvs)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["sac_gaussian.py", "--env-id", "InvertedPendulum-v5", "--env-backend", "dm_control", "--no-cuda",
-                                      "--no-compile", "--num-envs", "1", "--total-timesteps", "12", "--learning-starts", "4",
+                                      "--compile", "off", "--num-envs", "1", "--total-timesteps", "12", "--learning-starts", "4",
                                       "--utd-ratio", "1", "--batch-size", "4", "--policy-frequency", "3", "--num-eval-envs", "1",
                                       "--eval-every", "100000"])
     sys.setprofile(hook)

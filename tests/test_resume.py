@@ -28,7 +28,7 @@ RUNS = {
     # SAC logs, evaluates and checkpoints every 1000 env steps.
     "sac_gaussian.py": ["--env-id", "Hopper-v5", "--env-backend", "dm_control", "--num-envs", "2", "--total-timesteps", "3000",
                         "--learning-starts", "200", "--utd-ratio", "0.25", "--batch-size", "32", "--num-eval-envs", "1",
-                        "--eval-every", "1000", "--checkpoint-every", "1000", "--no-compile"],
+                        "--eval-every", "1000", "--checkpoint-every", "1000"],
 }
 RUNS["gorl_ppo_diff.py"] = RUNS["gorl_ppo_fm.py"]
 RUNS["fpo.py"] = RUNS["dppo.py"] = RUNS["ppo_gaussian.py"]

@@ -13,8 +13,7 @@ from conftest import BACKENDS, E2E_BACKENDS, load_script, only_run_dir, read_sca
 SCRIPTS = ["sac_gaussian.py", "gorl_sac_diff.py"]
 MODULES = {name: load_script(name) for name in SCRIPTS}
 sac_m, gorl_m = MODULES["sac_gaussian.py"], MODULES["gorl_sac_diff.py"]
-TINY = ["--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--num-eval-envs", "2", "--eval-every", "100000",
-        "--no-compile"]  # compiling takes a minute: the end-to-end tests run eagerly (test_sac_compile compiles once)
+TINY = ["--batch-size", "32", "--learning-starts", "100", "--utd-ratio", "1", "--num-eval-envs", "2", "--eval-every", "100000"]
 
 
 @pytest.fixture(params=SCRIPTS)
