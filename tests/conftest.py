@@ -14,6 +14,8 @@ os.environ.setdefault("MUJOCO_GL", "disable")  # headless: no GLFW window system
 # With two test workers (pytest.ini) each worker and each script it starts uses one thread: two runs share the two
 # cores instead of four thread pools spinning on them.
 os.environ["OMP_NUM_THREADS"] = "1"
+# The suite runs on the CPU, on a GPU box too (the scripts it starts inherit this): test_devices.py fakes the device.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

@@ -289,3 +289,64 @@ def refit_observations_on_the_host(m):  # fit_decoder indexes them with device i
 def test_the_check_catches_a_cpu_tensor_indexed_by_a_device_index(name, patch, cuda, tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match=r"aten\.index\.Tensor at .*: CPU tensors \[\(\d+, \d+\)\] with device"):
         check(name, cuda, tmp_path, monkeypatch, patch)
+
+
+# ---------------------------------------------------------------- the checkpoint's GPU RNG states
+def test_a_checkpoint_from_more_gpus_resumes_on_fewer(monkeypatch):
+    """Saved on 2 GPUs, resumed where there is 1: the state of the GPU that exists is restored (no IndexError)."""
+    m, restored = load_script("ppo_gaussian.py"), []
+    for name, stub in {"is_initialized": lambda: True, "device_count": lambda: 1, "set_rng_state_all": restored.append}.items():
+        monkeypatch.setattr(torch.cuda, name, stub)
+    states = [torch.full((16,), k, dtype=torch.uint8) for k in (1, 2)]
+    checkpoint = {"rng": {"torch": torch.get_rng_state(), "cuda": states}, "loop": {}}
+    m.restore(checkpoint, {})
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], states[0])
+
+
+def test_a_run_without_cuda_never_starts_it_for_its_checkpoints(monkeypatch, tmp_path):
+    """A --no-cuda run on a machine with a GPU: its checkpoints save no GPU RNG state (asking for it would start CUDA)."""
+    m = load_script("ppo_gaussian.py")
+
+    def starts_cuda():
+        raise AssertionError("get_rng_state_all starts CUDA on GPU 0")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is there, CUDA not started (is_initialized)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", starts_cuda)
+    path = str(tmp_path / "checkpoint.pt")
+    m.save_checkpoint(path, m.Args(env_id="Hopper-v5"), "dm_control", "run", {}, {"global_step": 0})
+    assert torch.load(path, weights_only=True)["rng"]["cuda"] == []
+
+
+# ---------------------------------------------------------------- FPO's and DPPO's evaluation noise
+@pytest.mark.parametrize("name", ["fpo.py", "dppo.py"])
+def test_a_model_trained_on_the_gpu_evaluates_to_its_logged_return_on_the_cpu(name, cuda, tmp_path, monkeypatch, capsys):
+    """Their evaluation samples noise: from a seeded CPU generator, moved to the device, so --eval-checkpoint on the CPU
+    reproduces the return logged on the GPU (a generator on the model's device would draw other numbers there)."""
+    m, (argv, _) = load_script(name), RUNS[name]
+    monkeypatch.chdir(tmp_path)
+    run(m, argv + ["--save-model"], cuda)
+    from conftest import only_run_dir, read_scalars
+
+    logged = read_scalars(only_run_dir(tmp_path))["eval/episodic_return"][-1][1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # now a CPU-only machine, without the harness
+    with pytest.raises(SystemExit):
+        m.main(tyro.cli(m.Args, args=["--eval-checkpoint", *glob.glob("runs/*/*.cleanrl_model")]))
+    out = capsys.readouterr().out
+    assert float(out.split("eval/episodic_return=")[1].split()[0]) == pytest.approx(logged, rel=1e-5, abs=1e-4), out
+
+
+# ---------------------------------------------------------------- the replay buffer in a checkpoint
+def test_a_checkpoint_holds_the_filled_rows_of_the_replay_buffer_only():
+    m, out = load_script("sac_gaussian.py"), __import__("io").BytesIO()
+    rb = m.ReplayBuffer(1_000_000, 11, 3, "cpu")
+    rows = lambda n: __import__("numpy").ones((n, 11), dtype="float32")  # noqa: E731
+    rb.add(rows(10), rows(10)[:, :3], rows(10)[:, 0], rows(10), rows(10)[:, 0] > 2)
+    torch.save(rb.state_dict(), out)
+    assert out.tell() < 50_000, out.tell()  # 10 rows, not the preallocated million (110 MB)
+
+
+# ---------------------------------------------------------------- the suite itself runs on the CPU
+def test_the_suite_pins_the_cpu():
+    """conftest hides any GPU from this process and the scripts it starts, so a GPU CI box runs what this one runs (the
+    tests that mean a device fake one, as above)."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
