@@ -76,7 +76,7 @@ def test_ppo_gaussian_learns_cartpole_balance(tmp_path):
 # the decoder learns one trajectory's actions and the policy falls far below that (see docs/gorl-stages.md).
 CHEETAH_ARGS = ["--env-id", "CheetahRun", "--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8",
                 "--gamma", "0.99", "--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--ent-coef", "0",
-                "--ent-coef-later", "0", "--encoder-reset", "fresh", "prior", "--total-timesteps", "253440", "--stage-weights", "65", "1", "--eval-every", "1000000",
+                "--ent-coef-later", "0", "--total-timesteps", "253440", "--stage-weights", "65", "1", "--eval-every", "1000000",
                 "--num-eval-envs", "32", "--refine-episodes", "32", "--refine-num-envs", "16", "--decoder-batch-size", "1024"]
 
 
