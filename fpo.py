@@ -403,6 +403,7 @@ def main(args):
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
             loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
                     "train_return": train_return, "obs_dim": obs_dim, "action_dim": action_dim}
+            writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
     if args.save_model:  # the final checkpoint is the model

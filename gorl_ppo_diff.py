@@ -684,6 +684,7 @@ def main(args):
             loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
                     "train_return": train_return, "obs_dim": obs_dim, "action_dim": action_dim, "stage": stage,
                     "refine_steps": refine_steps, "decoders": decoders, "best_return": best["return"]}
+            writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
     if args.save_model:  # the final checkpoint is the model

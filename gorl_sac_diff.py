@@ -667,6 +667,7 @@ def main(args):
                     "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(), "obs_dim": obs_dim,
                     "action_dim": action_dim, "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps,
                     "decoders": decoders}
+            writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 

@@ -430,6 +430,7 @@ def main(args):
                     "eval_return": eval_return, "train_return": train_return, "next_eval": next_eval,
                     "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(), "obs_dim": obs_dim,
                     "action_dim": action_dim}
+            writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 

@@ -98,19 +98,25 @@ def results_table(runs):
 
 def stages_table(runs):
     lines = ["| task | method | seed | stage ends | right after each refit (after / before) |", "|---|---|---|---|---|"]
-    ratios = []
+    ratios, medians = [], []
     for (task, script), seeds in sorted(runs.items()):
+        all_ends = []
         for seed, run in sorted(seeds.items()):
             if "gorl/eval_after_refit" not in run:
                 continue
             points = refits(run)
             ends = [before for _, before, _ in points] + [run["eval/episodic_return"][-1][1]]
             ratios += [after / before for _, before, after in points if before > 0]
-            after = ", ".join(f"{a:.1f} ({a / b:.2f})" for _, b, a in points)
-            ends = ", ".join(f"{e:.1f}" for e in ends)
-            lines.append(f"| {task} | {NAMES.get(script, script)} | {seed} | {ends} | {after} |")
+            after, all_ends = ", ".join(f"{a:.1f} ({a / b:.2f})" for _, b, a in points), all_ends + [ends]
+            cells = [task, NAMES.get(script, script), seed, ", ".join(f"{e:.1f}" for e in ends), after]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        if all_ends and len({len(e) for e in all_ends}) == 1:  # the median over seeds of each stage's end
+            m = np.median(all_ends, 0)
+            medians.append(f"- {task}, {NAMES.get(script, script)} ({len(all_ends)} seeds): median stage ends "
+                           f"{', '.join(f'{e:.1f}' for e in m)}; each above the one before: {bool(np.all(np.diff(m) > 0))}")
     if ratios:
         lines.append(f"\nafter / before over {len(ratios)} refits: median {np.median(ratios):.2f}, min {min(ratios):.2f}\n")
+    lines += medians
     return "\n".join(lines) + "\n"
 
 
