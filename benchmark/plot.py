@@ -5,7 +5,8 @@
 Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in the same directory, `curves.png`
 (deterministic evaluation return against env steps, mean and min-max over seeds, one panel per task, GoRL's refits
 dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run) and
-`stages.md` (per GoRL run: the evaluation at each stage's end, right after each refit and their ratio).
+`stages.md` (per GoRL run: the evaluation at each stage's end, right after each refit and their ratio; per task and
+method, the median stage ends and the refits' median and lowest ratio).
 """
 import argparse
 import csv
@@ -100,20 +101,22 @@ def stages_table(runs):
     lines = ["| task | method | seed | stage ends | right after each refit (after / before) |", "|---|---|---|---|---|"]
     ratios, medians = [], []
     for (task, script), seeds in sorted(runs.items()):
-        all_ends = []
+        all_ends, group = [], []
         for seed, run in sorted(seeds.items()):
             if "gorl/eval_after_refit" not in run:
                 continue
             points = refits(run)
             ends = [before for _, before, _ in points] + [run["eval/episodic_return"][-1][1]]
-            ratios += [after / before for _, before, after in points if before > 0]
+            group += [after / before for _, before, after in points if before > 0]
             after, all_ends = ", ".join(f"{a:.1f} ({a / b:.2f})" for _, b, a in points), all_ends + [ends]
             cells = [task, NAMES.get(script, script), seed, ", ".join(f"{e:.1f}" for e in ends), after]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         if all_ends and len({len(e) for e in all_ends}) == 1:  # the median over seeds of each stage's end
             m = np.median(all_ends, 0)
             medians.append(f"- {task}, {NAMES.get(script, script)} ({len(all_ends)} seeds): median stage ends "
-                           f"{', '.join(f'{e:.1f}' for e in m)}; each above the one before: {bool(np.all(np.diff(m) > 0))}")
+                           f"{', '.join(f'{e:.1f}' for e in m)}; each above the one before: {bool(np.all(np.diff(m) > 0))}; "
+                           f"refits after / before median {np.median(group):.2f}, min {min(group):.2f}")
+        ratios += group
     if ratios:
         lines.append(f"\nafter / before over {len(ratios)} refits: median {np.median(ratios):.2f}, min {min(ratios):.2f}\n")
     lines += medians

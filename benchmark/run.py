@@ -22,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["ppo_gaussian", "gorl_ppo_fm", "gorl_ppo_diff", "fpo", "dppo", "sac_gaussian", "gorl_sac_diff"]
 # CPU-sized settings (README): 16 envs, 16 x 8 segments, 8 epochs, lr 1e-3, gamma 0.99, clip 0.2, no entropy bonus;
 # GoRL with the same PPO settings and the paper's restart at the prior in every stage (docs/gorl-stages.md), 32-episode
-# refits and decoder batch 1024. FPO and DPPO keep their own clip and have no entropy term. SAC: 8 envs and a small
-# update-to-data ratio.
+# refits and decoder batch 1024, with the scripts' 50 decoder epochs as the study3m runs had; the README's commands
+# now add `--decoder-epochs 200` (docs/gorl-stages.md: 50 undertrained a refit), which a study passes after `--`.
+# FPO and DPPO keep their own clip and have no entropy term. SAC: 8 envs and a small update-to-data ratio.
 PPO_CPU = ["--num-envs", "16", "--batch-size", "16", "--num-minibatches", "8", "--update-epochs", "8",
            "--learning-rate", "1e-3", "--gamma", "0.99"]
 GORL_CPU = ["--clip-coef", "0.2", "--clip-coef-later", "0.2", "--max-grad-norm", "0", "--ent-coef", "0",

@@ -84,3 +84,21 @@ def test_sps_runs_on_a_tiny_config(tmp_path):
     for row in rows:
         rollout_sps, ratio = float(row.split("|")[2].replace(",", "")), float(row.split("|")[3])
         assert rollout_sps > 0 and 0 <= ratio < 1.5  # (a loaded machine can round the ratio down to 0.00)
+
+
+def test_refit_probe_refits_a_stage_with_both_decoders_and_refuses_other_checkpoints(grid, tmp_path):
+    """The probe needs the checkpoint of a stage's end (best_return reset by the refit); the grid keeps only the final
+    one, so the test marks its stage-1 state as just refit, which is all the probe reads besides the networks."""
+    import torch
+
+    cwd, *_ = grid
+    final = glob.glob(str(cwd / "runs" / "CartpoleBalance__gorl_ppo_diff__1__*" / "checkpoint.pt"))[0]
+    refused = bench("refit_probe.py", [final], tmp_path)
+    assert refused.returncode != 0 and "not a checkpoint written right after a refit" in refused.stderr, refused.stderr
+    saved = torch.load(final, weights_only=True)
+    saved["loop"]["best_return"] = -float("inf")
+    torch.save(saved, tmp_path / "refit.pt")
+    r = bench("refit_probe.py", [str(tmp_path / "refit.pt"), "--fit-seeds", "1", "2", "--set", "decoder_epochs=3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "decoder_epochs=3" in r.stdout and r.stdout.count("fit seed") == 4, r.stdout
+    assert "gorl_ppo_diff: after" in r.stdout and "gorl_ppo_fm: after" in r.stdout, r.stdout
