@@ -7,6 +7,7 @@ The code above the `# ---- plumbing` line is the whole algorithm; below it, the 
 
     python dppo.py --env-id HopperStand    # the paper's scale; the README has CPU-sized commands
 """
+import argparse
 import difflib
 import importlib.util
 import logging
@@ -14,8 +15,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, Optional
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
 # the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
@@ -130,6 +131,23 @@ class Args:
     configs (cfg/gym/scratch/*/ppo_diffusion_mlp.yaml), 0.99 is its fine-tuning value"""
 
 
+def presets(env_id):
+    """The named settings: `python dppo.py [paper|cpu|release] --env-id CheetahRun` (any flag overrides them).
+    paper: Args' defaults, DPPO as published, at the paper's scale (180M steps on 2048 envs).
+    cpu: the same algorithm at a budget two CPU cores run in under an hour: 3M steps on 16 envs, 8 minibatches of 16
+      segments and 8 epochs per iteration, learning rate 1e-3 and gamma 0.99, 30 evaluations of 32 episodes.
+    release: the settings of the paper's DPPO row (clip 0.2, upstream FPO's normalizer), on DPPO as published (the row
+      itself ran FPO's `denoising_mdp` mode; docs/reproducing.md).
+    FingerSpin takes the released runs' gamma 0.95 in cpu and release."""
+    paper = Args(env_id=env_id)
+    finger_spin = env_id == "FingerSpin"
+    cpu = replace(paper, total_timesteps=3_000_000, num_envs=16, batch_size=16, num_minibatches=8, update_epochs=8,
+                  learning_rate=1e-3, gamma=0.95 if finger_spin else 0.99, eval_every=100_000, num_eval_envs=32)
+    release = replace(paper, gamma=0.95 if finger_spin else paper.gamma, clip_coef=0.2,
+                      obs_stats_accumulation="legacy_batch_only", obs_stats_timing="legacy_pre_update")
+    return {"paper": paper, "cpu": cpu, "release": release}
+
+
 # ---- the algorithm: the networks, the observation normalizer, GAE and the losses ----
 def layer_init(layer):
     """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
@@ -165,7 +183,9 @@ class RunningMeanStd(nn.Module):
         """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
         sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        n = x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
@@ -225,6 +245,15 @@ def explained_variance(targets, values, mask):
     return 1 - (((targets - values) * mask) ** 2).sum() / n / target_var.clamp(min=1e-8)
 
 
+class Sample(NamedTuple):
+    """What `act` returns: the denoising chain x_K, ..., x_0, the log-probability of each of its steps, and the
+    environment's action, x_0 clipped to [-1, 1] (what evaluation runs)."""
+
+    chain: torch.Tensor
+    log_prob: torch.Tensor
+    env_action: torch.Tensor
+
+
 class Agent(nn.Module):
     """Epsilon-prediction actor 4x32 (inputs [obs_norm, x_t, temb(t / K)]) and critic 5x256, SiLU MLPs, with DDPM's
     cosine schedule (s = 0.008) over K steps, DPPO's default."""
@@ -233,7 +262,8 @@ class Agent(nn.Module):
         super().__init__()
         self.critic = mlp([obs_dim, 256, 256, 256, 256, 256, 1])
         self.actor = mlp([obs_dim + action_dim + 8, 32, 32, 32, 32, action_dim])
-        self.K, self.min_std = denoising_steps, min_std
+        self.K = denoising_steps
+        self.min_std = min_std
         f = torch.cos((torch.linspace(0, 1, denoising_steps + 1, dtype=torch.float64) + 0.008) / 1.008 * np.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
         alpha_bar = torch.cumprod(1 - betas, 0)
@@ -273,15 +303,16 @@ class Agent(nn.Module):
         return dist.log_prob(chain[..., 1:, :]).clamp(-5.0, 2.0).mean(-1)
 
     def act(self, x, generator=None, deterministic=False):
-        """Samples the chain x_K ~ N(0, I) -> ... -> x_0 (step noise clipped to +-3 as upstream). Returns (chain
-        [B, K + 1, A], its step log-probs [B, K], action): the action is x_0 clipped to [-1, 1], with no tanh, as in
+        """Samples the chain x_K ~ N(0, I) -> ... -> x_0 (step noise clipped to +-3 as upstream). Returns a `Sample`:
+        the chain [B, K + 1, A], its step log-probs [B, K], and the action, x_0 clipped to [-1, 1], with no tanh, as in
         DPPO (the one place the skeleton's tanh does not apply). `deterministic` is DPPO's evaluation sampling
         (model/diffusion/diffusion_vpg.py, `forward`, DDPM branch): every step keeps the schedule's own posterior std
         floored at 1e-3 instead of --min-std, and the last step (t = 0) adds no noise; its log-probs are those of
         the --min-std steps, unused."""
         dev = x.device if generator is None else "cpu"  # evaluation: a seeded CPU generator, the same on every device
         x_t = torch.randn(x.shape[0], self.actor[-1].out_features, device=dev, generator=generator).to(x.device)
-        chain, logprobs = [x_t], []
+        chain = [x_t]
+        logprobs = []
         for t in range(self.K - 1, -1, -1):
             dist = self.step_dist(x, x_t, torch.full_like(x_t[:, :1], float(t)))
             noise = torch.randn(x_t.shape, device=dev, generator=generator).to(x.device).clamp(-3.0, 3.0)
@@ -289,7 +320,52 @@ class Agent(nn.Module):
             x_t = dist.mean + std * noise
             chain.append(x_t)
             logprobs.append(dist.log_prob(x_t).clamp(-5.0, 2.0).mean(-1))
-        return torch.stack(chain, 1), torch.stack(logprobs, 1), x_t.clamp(-1.0, 1.0)
+        return Sample(chain=torch.stack(chain, 1), log_prob=torch.stack(logprobs, 1), env_action=x_t.clamp(-1.0, 1.0))
+
+
+def ppo_update(agent, optimizer, segments, args):
+    """`--update-epochs` passes over the iteration's segments in minibatches of `--batch-size`: the clipped surrogate
+    with one ratio per (transition, denoising step) and the masked value loss. Returns each minibatch's statistics
+    (0-d tensors, still on the device)."""
+    stats = []
+    num_segments = len(segments["obs"])
+    K = agent.K  # denoising step k's loss weighs gamma_denoising^k, the noisiest step first
+    step_weights = args.gamma_denoising ** torch.arange(K - 1, -1, -1, device=segments["obs"].device, dtype=torch.float32)
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(num_segments, device=segments["obs"].device)
+        for start in range(0, num_segments, args.batch_size):
+            idx = perm[start : start + args.batch_size]
+            mb_obs = segments["obs"][idx]
+            mb_mask = segments["masks"][idx]
+            values = agent.get_value(mb_obs)
+            with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
+                advantages, v_targets = compute_gae(segments["rewards"][idx], values, segments["terminations"][idx], mb_mask,
+                                                    args.gamma, args.gae_lambda)
+                advantages = normalize_advantages(advantages, mb_mask)
+
+            # One ratio per (transition, denoising step), each against the transition's advantage. All K steps of
+            # a transition share its minibatch, since GAE runs over whole segments (Brax layout).
+            logratio = agent.chain_logprobs(mb_obs[:, :-1], segments["actions"][idx]) - segments["logprobs"][idx]
+            ratio = logratio.exp()
+            advantages = advantages.unsqueeze(-1) * step_weights
+            clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+            pg_loss = -torch.min(advantages * ratio, advantages * clipped_ratio).mean()
+            v_loss = args.vf_coef * (mb_mask * (v_targets - values[:, :-1]) ** 2).mean()
+            loss = pg_loss + v_loss  # DPPO has no entropy term
+            step_logprob = segments["logprobs"][idx].mean()  # logged where PPO logs its entropy
+
+            optimizer.zero_grad()
+            loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            approx_kl = ((ratio - 1) - logratio).mean()
+            clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
+            explained_var = explained_variance(v_targets, values[:, :-1].detach(), mb_mask)
+            stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
+                          "losses/step_logprob": step_logprob, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                          "losses/explained_variance": explained_var})
+    return stats
 
 
 def eval_policy(agent, obs_rms, seed):
@@ -297,12 +373,13 @@ def eval_policy(agent, obs_rms, seed):
     schedule's std floored at 1e-3, no noise at the last step) with noise from a generator seeded `seed` here, so every
     evaluation draws the same noise and a reloaded checkpoint reproduces its return."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: --eval-checkpoint gives the same return on any device
-    return lambda x: agent.act(obs_rms(x), generator, deterministic=True)[2]
+    return lambda x: agent.act(obs_rms(x), generator, deterministic=True).env_action
 
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_dim = checkpoint["loop"]["obs_dim"]
+    action_dim = checkpoint["loop"]["action_dim"]
     obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     agent = Agent(obs_dim, action_dim, checkpoint["args"]["denoising_steps"], checkpoint["args"]["min_std"]).to(device)
@@ -311,7 +388,7 @@ def load_policy(checkpoint, device):
 
 
 def main(args):
-    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
+    checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
@@ -319,11 +396,13 @@ def main(args):
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
     writer.add_text("eval", "DPPO's deterministic sampling (schedule std, floor 1e-3, no noise at the last step), fixed seed")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
-    rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
+    rollout_threads = args.threads or 1
+    update_threads = args.threads or torch.get_num_threads()
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
-    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_dim = next_obs.shape[1]
+    action_dim = envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
     agent = Agent(obs_dim, action_dim, args.denoising_steps, args.min_std).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
@@ -337,35 +416,41 @@ def main(args):
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
-    # `learnable` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
-    U, T, N = args.batch_size * args.num_minibatches // args.num_envs, args.unroll_length, args.num_envs
+    # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
+    U = args.batch_size * args.num_minibatches // args.num_envs
+    T = args.unroll_length
+    N = args.num_envs
     obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
     K = args.denoising_steps  # the whole chain is stored, with each step's log-probability under the rollout parameters
     actions = torch.zeros((U, T, N, K + 1, action_dim), device=device)
     logprobs = torch.zeros((U, T, N, K), device=device)
-    step_weights = args.gamma_denoising ** torch.arange(K - 1, -1, -1, device=device, dtype=torch.float32)  # noisiest first
-    rewards, terminations, learnable = (np.zeros((U, T, N), np.float32) for _ in range(3))
+    rewards = np.zeros((U, T, N), np.float32)
+    terminations = np.zeros((U, T, N), np.float32)
+    masks = np.zeros((U, T, N), np.float32)
 
     modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms}
-    iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
+    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_return": float("nan"), "train_return": float("nan")}
     if checkpoint is None:
-        eval_return = eval_and_log(0)
+        loop["eval_return"] = eval_and_log(0)
     else:
         loop = restore(checkpoint, modules)
-        iteration, global_step, train_time, eval_return, train_return = (
-            loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
-    for iteration in range(iteration + 1, num_iterations + 1):
+    global_step = loop["global_step"]
+    for iteration in range(loop["iteration"] + 1, num_iterations + 1):
         iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
         for unroll in range(U):
             for t in range(T):
                 obs[unroll, t] = torch.as_tensor(next_obs, device=device)
                 with torch.no_grad():
-                    actions[unroll, t], logprobs[unroll, t], env_action = agent.act(obs_rms(obs[unroll, t]))
-                next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
-                rewards[unroll, t], terminations[unroll, t] = reward * args.reward_scale, terminated
-                learnable[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
-                train_return = log_episodes(writer, ended, global_step + (unroll * T + t + 1) * N, train_return)
+                    sample = agent.act(obs_rms(obs[unroll, t]))
+                actions[unroll, t] = sample.chain
+                logprobs[unroll, t] = sample.log_prob
+                next_obs, reward, terminated, truncated, valid, ended = envs.step(sample.env_action.cpu().numpy())
+                rewards[unroll, t] = reward * args.reward_scale
+                terminations[unroll, t] = terminated
+                masks[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                step = global_step + (unroll * T + t + 1) * N
+                loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
@@ -374,61 +459,29 @@ def main(args):
             obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
         # Segments, observations normalized with the statistics that acted on them (with legacy_pre_update, statistics
         # that include them, while the stored log-probs came from the old ones).
-        b_obs, b_actions, b_logprobs, b_rewards, b_terminations, b_learnable = (
-            to_segments(x, device) for x in (obs_rms(obs), actions, logprobs, rewards, terminations, learnable))
+        segments = {"obs": to_segments(obs_rms(obs), device), "actions": to_segments(actions, device),
+                    "logprobs": to_segments(logprobs, device), "rewards": to_segments(rewards, device),
+                    "terminations": to_segments(terminations, device), "masks": to_segments(masks, device)}
 
-        stats = []
         torch.set_num_threads(update_threads)  # also for the evaluation that follows
-        for epoch in range(args.update_epochs):
-            perm = torch.randperm(U * N, device=device)
-            for start in range(0, U * N, args.batch_size):
-                idx = perm[start : start + args.batch_size]
-                mb_obs, mb_learnable = b_obs[idx], b_learnable[idx]
-                values = agent.get_value(mb_obs)
-                with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
-                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma,
-                                                        args.gae_lambda)
-                    advantages = normalize_advantages(advantages, mb_learnable)
-
-                # One ratio per (transition, denoising step), each against the transition's advantage. All K steps of
-                # a transition share its minibatch, since GAE runs over whole segments (Brax layout).
-                logratio = agent.chain_logprobs(mb_obs[:, :-1], b_actions[idx]) - b_logprobs[idx]
-                ratio = logratio.exp()
-                advantages = advantages.unsqueeze(-1) * step_weights
-                clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = -torch.min(advantages * ratio, advantages * clipped_ratio).mean()
-                v_loss = args.vf_coef * (mb_learnable * (v_targets - values[:, :-1]) ** 2).mean()
-                loss = pg_loss + v_loss  # DPPO has no entropy term
-                step_logprob = b_logprobs[idx].mean()  # logged where PPO logs its entropy
-
-                optimizer.zero_grad()
-                loss.backward()
-                if args.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                approx_kl, clipfrac = ((ratio - 1) - logratio).mean(), ((ratio - 1).abs() > args.clip_coef).float().mean()
-                explained_var = explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)
-                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
-                              "losses/step_logprob": step_logprob, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
-                              "losses/explained_variance": explained_var})
+        stats = ppo_update(agent, optimizer, segments, args)
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fix).
         if args.obs_stats_timing == "rollout_consistent":
             obs_rms.update(obs[:, :T], args.obs_stats_accumulation == "cumulative")
 
         log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
                                                           f"minibatch {i % args.num_minibatches + 1})"), global_step)
-        train_time += time.time() - iteration_start
-        sps, rollout_sps = int(global_step / train_time), int(steps_per_iteration / rollout_time)
-        log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": rollout_sps}, global_step)
+        loop["train_time"] += time.time() - iteration_start
+        sps = int(global_step / loop["train_time"])
+        log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps_per_iteration / rollout_time)}, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
-            eval_return = eval_and_log(global_step)
-        eta = (num_iterations - iteration) * train_time / iteration
-        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} "
-              f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            loop["eval_return"] = eval_and_log(global_step)
+        eta = (num_iterations - iteration) * loop["train_time"] / iteration
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
+              f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+        loop.update(iteration=iteration, global_step=global_step, obs_dim=obs_dim, action_dim=action_dim)
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
-            loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
-                    "train_return": train_return, "obs_dim": obs_dim, "action_dim": action_dim}
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
@@ -455,19 +508,40 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values) or getattr(args, name) == ():
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def parse_args():
+    """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    argv = sys.argv[1:]
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
+    for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
+        early.add_argument(flag)
+    known = early.parse_known_args(argv)[0]
+    named = presets(known.env_id or Args.env_id)
+    preset = argv.pop(0) if argv and argv[0] in named else "paper"
+    if argv and not argv[0].startswith("-"):
+        fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
+    saved_path = known.resume or known.eval_checkpoint
+    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    defaults = Args(**saved) if saved else named[preset]
+    changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
+    source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
+    description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
+    if saved:  # a saved run continues or is evaluated as it was; only these may change
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        for name, value in vars(args).items():
+            if value != saved[name] and name not in may_differ.split():
+                fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+    return args
 
 
 def setup(args, load_policy):
     """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
     checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
-    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
-        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
-        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
-            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
-        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
     os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -493,15 +567,14 @@ def setup(args, load_policy):
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs wandb: pip install wandb")
-    if args.track:
-        wandb = importlib.import_module("wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+    if args.track:  # Weights and Biases reads the tensorboard logs
+        importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                              sync_tensorboard=True, config=vars(args), save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return args, checkpoint, backend, device, writer, run_name
+    return checkpoint, backend, device, writer, run_name
 
 
 def dmc_task_ids():
@@ -532,13 +605,13 @@ def resolve_backend(env_id, backend):
 
 
 def check_memory(args, backend, spare_envs):
-    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
-    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    """Refuses a run whose envs (each what 8 add to this process) cannot fit in memory (tests: GORL_MEMORY_LIMIT_BYTES)."""
     available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
     if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
         return
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
-    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    before = psutil.Process().memory_info().rss
+    probe = VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
@@ -551,16 +624,19 @@ def check_memory(args, backend, spare_envs):
 
 
 class VecEnv:
-    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
-    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
-    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds.
+    `step` also returns `valid` (False on EnvPool's reset step after an episode end) and the ended episodes' stats."""
 
     def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        dmc = dmc_task_ids()
+        self.backend = backend
+        self.num_envs = num_envs
+        self.seed = seed
         if backend == "envpool":
             pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
             self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
-            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            space = self.envs.action_space
+            self.max_episode_steps = self.envs.spec.config.max_episode_steps
             if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
                 from dm_control import suite
                 self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
@@ -572,13 +648,17 @@ class VecEnv:
             self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                      [gym.wrappers.FlattenObservation], max_episode_steps=limit,
                                      render_mode="rgb_array" if render else None)
-            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+            space = self.envs.single_action_space
+            self.max_episode_steps = self.envs.envs[0].spec.max_episode_steps
         if not isinstance(space, gym.spaces.Box):
             fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
         bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
         self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
-        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
-        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+        self.action_dim = self.low.size
+        self.identity = bool(np.all(self.low == -1) and np.all(self.high == 1))  # every DMC task: no mapping
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.close = self.envs.close
 
     def flatten(self, obs):
         if isinstance(obs, dict):  # EnvPool's DMC tasks
@@ -586,7 +666,8 @@ class VecEnv:
         return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
 
     def reset(self):
-        self.returns[:], self.lengths[:] = 0, 0
+        self.returns[:] = 0
+        self.lengths[:] = 0
         return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
 
     def step(self, action):
@@ -597,11 +678,15 @@ class VecEnv:
         # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
         # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        reward = np.asarray(reward, np.float32) * valid
+        terminated = np.asarray(terminated)
+        truncated = np.asarray(truncated)
         done = terminated | truncated
-        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        self.returns = self.returns + reward
+        self.lengths = self.lengths + valid
         ended = self.returns[done], self.lengths[done]
-        self.returns[done], self.lengths[done] = 0, 0
+        self.returns[done] = 0
+        self.lengths[done] = 0
         obs = self.final_obs = self.flatten(obs)
         if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
             self.final_obs = obs.copy()
@@ -611,15 +696,17 @@ class VecEnv:
 
 @torch.no_grad()
 def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
-    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
-    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    """(mean, std) of one episode's return on each of `num_envs` fresh envs seeded alike every time (video: env 0's)."""
     envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
-    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    obs = envs.reset()
+    returns = np.zeros(num_envs)
+    done = np.zeros(num_envs, dtype=bool)
     for _ in range(envs.max_episode_steps):
         if frames is not None:
             frames.append(envs.envs.render()[0])
         obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-        returns, done = returns + reward * ~done, done | terminated | truncated
+        returns = returns + reward * ~done
+        done = done | terminated | truncated
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
@@ -652,7 +739,7 @@ def load_checkpoint(path):
 
 
 def restore(checkpoint, modules):
-    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    """Loads a checkpoint into `modules` and the RNGs; returns its counters. Envs start new episodes."""
     for name, module in modules.items():
         module.load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -673,9 +760,10 @@ def log_scalars(writer, scalars, global_step):
 
 def log_episodes(writer, ended, step, train_return):
     """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
-    if len(ended[0]):
-        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
-    return float(ended[0].mean()) if len(ended[0]) else train_return
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean())
 
 
 def finite_means(stats, where):
@@ -690,4 +778,4 @@ def finite_means(stats, where):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -4,25 +4,29 @@ The policy is a latent Gaussian encoder z ~ pi(z|s) and a decoder g; the environ
 Training runs in stages (`--stage-weights`); each stage is Algorithm 1's two phases and a re-initialization:
   Phase 1, latent policy optimization: PPO on z with g frozen as part of the environment, plus the penalty
     `--beta` * `kl_to_prior`, KL(pi(z|s) || N(0, I)) (Eq. 3). Stage 0's g is the identity: PPO through tanh.
-  Phase 2, decoder refinement: `collect_refinement_data` runs the stage's best encoder through g, and `fit_decoder`
-    trains a new g from scratch, from the fixed prior N(0, I) to the collected actions (Eq. 4):
+  Phase 2, decoder refinement (`refine_decoder`): the stage's last encoder collects episodes through g, and
+    `fit_decoder` trains a new g from scratch, from the fixed prior N(0, I) to the collected actions (Eq. 4):
     conditional flow matching; decoding is 10 Euler steps from z.
-  Stage-wise re-initialization: `reset_encoder` restarts the encoder at the prior N(0, I) (`--encoder-reset`).
+  Stage-wise re-initialization: `reset_encoder` restarts the encoder at the prior N(0, I).
 The code above the `# ---- plumbing` line is the whole algorithm; below it, the same plumbing in every script.
 `diff ppo_gaussian.py gorl_ppo_fm.py` shows what GoRL adds to PPO.
 
-    python gorl_ppo_fm.py --env-id HopperStand --beta 1e-3    # the paper's scale; the README has CPU-sized commands
+    python gorl_ppo_fm.py --env-id HopperStand --beta 1e-3      # the paper's run (preset `paper`)
+    python gorl_ppo_fm.py cpu --env-id CheetahRun                # the same method on 2 CPU cores (preset `cpu`)
+    python gorl_ppo_fm.py release --env-id CheetahRun            # the authors' released run of the task
 """
+import argparse
 import copy
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, Optional, Tuple
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
 # the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
@@ -93,8 +97,8 @@ class Args:
     """the number of passes over the iteration's segments"""
     learning_rate: float = 1e-3
     """the learning rate of the encoder's optimizer in stage 0 (constant within a stage)"""
-    learning_rate_later: Tuple[float, ...] = (1e-3,)
-    """the encoder's learning rate in stages 1, 2, ...: one value, or one per later stage (the last repeats)"""
+    learning_rate_later: float = 1e-3
+    """the encoder's learning rate in stages 1, 2, ..."""
     gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -105,48 +109,31 @@ class Args:
     """the surrogate clipping coefficient in stages 1, 2, ..."""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (Gaussian entropy, no tanh term)"""
-    ent_coef_later: Optional[Tuple[float, ...]] = None
-    """the entropy coefficient in stages 1, 2, ...: one value or one per later stage (the last repeats); none: --ent-coef"""
-    tanh_entropy_correction: bool = False
-    """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
-    FPO's PPO (418c255, playground/src/flow_policy/ppo.py) that ran the paper's PPO row; the GoRL release has it off"""
     vf_coef: float = 0.25
     """coefficient of the value loss: vf_coef * mean(mask * (v_target - V)^2)"""
     max_grad_norm: float = 0.5
     """the maximum global norm for gradient clipping; 0 disables it"""
-    max_grad_norm_later: Optional[float] = None
-    """the gradient clipping norm in stages 1, 2, ...; default: --max-grad-norm"""
     reward_scale: float = 10.0
     """rewards are multiplied by this before GAE"""
     eval_every: int = 6_000_000
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
-    obs_stats_accumulation: Tuple[Literal["cumulative", "legacy_batch_only"], ...] = ("cumulative",)
-    """the normalizer's variance, one value or one per stage: `cumulative` (the release's fix) or `legacy_batch_only` (FPO)"""
-    obs_stats_timing: Tuple[Literal["rollout_consistent", "legacy_pre_update"], ...] = ("rollout_consistent",)
-    """one value or one per stage: merge a batch into the normalizer after (`rollout_consistent`) or before the update on it"""
 
     stage_weights: Tuple[float, ...] = (2, 2, 1, 1)
     """relative env-step budgets of the stages: 2 2 1 1 of 180M gives 60M/60M/30M/30M; one decoder refit between stages"""
-    beta: Tuple[float, ...] = (1e-3,)
-    """coefficient of the KL-to-prior penalty (paper Eq. 3): one value, or one per stage (the last repeats)"""
-    kl_form: Literal["analytic", "release"] = "analytic"
-    """the penalty: `analytic` KL(pi(z|s) || N(0, I)) (the paper) or `release`, mean mu^2 + mean sigma^2 (the released code)"""
-    encoder_reset: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ("prior",)
-    """the encoder at each stage start, one value or one per stage: `prior` (paper Sec. 3) or a release mode (reset_encoder)"""
+    beta: float = 1e-3
+    """coefficient of the KL-to-prior penalty KL(pi(z|s) || N(0, I)) (paper Eq. 3)"""
+    encoder_reset: Literal["prior", "none"] = "prior"
+    """the encoder at each stage start: restarted at the prior N(0, I) (paper Sec. 3) or kept (`none`, ablation Sec. 4.3.2)"""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
     """the number of parallel environments collecting the refinement episodes"""
-    refine_from: Literal["best", "last"] = "best"
-    """which encoder of the stage collects the refinement data: the best-evaluated one (the release) or the last"""
     refine_input: Literal["prior", "latent"] = "prior"
     """decoder inputs during the refit: fresh N(0, I) noise (the paper) or the encoder's z (ablation Sec. 4.3.1)"""
     decoder_epochs: int = 50
-    """passes over the refinement training split per refit (paper v1); ignored when --decoder-steps is set"""
-    decoder_steps: int = 0
-    """if positive, Adam steps per refit on minibatches drawn with replacement instead of epochs (the release: 50000)"""
+    """passes over the refinement training split per refit (paper v1)"""
     target_clip: float = 3.0
     """refit targets (pre-tanh actions) are clipped to +-this; 0 turns clipping off"""
     decoder_batch_size: int = 8192
@@ -156,15 +143,40 @@ class Args:
     decoder_hidden: int = 64
     """the width of the decoder's 4 hidden layers"""
     decoder_checkpoint: Optional[str] = None
-    """start stage 0 from the last decoder of a model saved by this script on the same task, instead of the identity"""
+    """start stage 0 from the last decoder of a model saved by this script on the same task (frozen decoder, Sec. 4.3.3)"""
+
+    # The released runs' switches (the `release` preset turns them on; docs/reproducing.md has a row for each).
+    tanh_entropy_correction: bool = False
+    """add log(1 - tanh(u)^2) at one reparameterized sample u to the entropy bonus: the entropy of tanh(u), as upstream
+    FPO's PPO (418c255, playground/src/flow_policy/ppo.py) that ran the paper's PPO row; the GoRL release has it off"""
+    obs_stats_accumulation: Tuple[Literal["cumulative", "legacy_batch_only"], ...] = ("cumulative",)
+    """the normalizer's variance, one value or one per stage: `cumulative` (the release's fix) or `legacy_batch_only` (FPO)"""
+    obs_stats_timing: Tuple[Literal["rollout_consistent", "legacy_pre_update"], ...] = ("rollout_consistent",)
+    """one value or one per stage: merge a batch into the normalizer after (`rollout_consistent`) or before the update on it"""
+    kl_form: Literal["analytic", "moments"] = "analytic"
+    """the penalty: `analytic` KL (the paper) or `moments`, mean mu^2 + mean sigma^2 (the released code; `kl_to_prior`)"""
+    refine_from: Literal["last", "best"] = "last"
+    """the stage's encoder that collects the refit data: the last (the paper) or the best-evaluated one (the release)"""
+    decoder_steps: int = 0
+    """if positive, Adam steps per refit on minibatches drawn with replacement instead of --decoder-epochs (the release)"""
+    stage_learning_rates: Tuple[float, ...] = ()
+    """the encoder's learning rate per stage, the last repeating; empty: --learning-rate, then --learning-rate-later"""
+    stage_ent_coefs: Tuple[float, ...] = ()
+    """the entropy coefficient per stage, the last repeating; empty: --ent-coef in every stage"""
+    stage_max_grad_norms: Tuple[float, ...] = ()
+    """the gradient clipping norm per stage, the last repeating; empty: --max-grad-norm in every stage"""
+    stage_betas: Tuple[float, ...] = ()
+    """the KL-to-prior coefficient per stage, the last repeating; empty: --beta in every stage"""
+    stage_encoder_resets: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ()
+    """the encoder at each stage start (stage 0 included), the last repeating (`reset_encoder`); empty: --encoder-reset"""
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
                    learning_rate clip_coef reward_scale eval_every num_eval_envs checkpoint_every""", unit="gamma",
                    non_negative="threads ent_coef vf_coef max_grad_norm gae_lambda")
         check_args(self, positive="""learning_rate_later clip_coef_later stage_weights refine_episodes refine_num_envs
-                   decoder_epochs decoder_batch_size decoder_lr decoder_hidden""",  # GoRL's own
-                   non_negative="ent_coef_later max_grad_norm_later beta decoder_steps target_clip")
+                   decoder_epochs decoder_batch_size decoder_lr decoder_hidden stage_learning_rates""",  # GoRL's own
+                   non_negative="beta decoder_steps target_clip stage_ent_coefs stage_max_grad_norms stage_betas")
         segments = self.batch_size * self.num_minibatches
         if self.gae_lambda > 1:
             fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
@@ -174,13 +186,47 @@ class Args:
         if self.total_timesteps < segments * self.unroll_length:
             fail(f"--total-timesteps {self.total_timesteps} is smaller than one iteration ({segments} segments of "
                  f"{self.unroll_length} steps = {segments * self.unroll_length})")
-        for name in "beta encoder_reset obs_stats_accumulation obs_stats_timing".split():
+        if not self.stage_weights:
+            fail("--stage-weights takes one weight per stage")
+        for name in "obs_stats_accumulation obs_stats_timing".split():
             if not 1 <= len(getattr(self, name)) <= len(self.stage_weights):
                 fail(f"--{name.replace('_', '-')} takes one value or one per stage ({len(self.stage_weights)} stages)")
+        for name in "stage_learning_rates stage_ent_coefs stage_max_grad_norms stage_betas stage_encoder_resets".split():
+            if len(getattr(self, name)) > len(self.stage_weights):
+                fail(f"--{name.replace('_', '-')} takes one value per stage at most ({len(self.stage_weights)} stages)")
         if len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
             fail(f"--refine-episodes must be at least 2 (one is held out) and --refine-num-envs ({self.refine_num_envs})")
         if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) < segments * self.unroll_length:
             fail(f"each stage of --total-timesteps {self.total_timesteps} needs 1 iteration ({segments * self.unroll_length})")
+
+
+def presets(env_id):
+    """The named settings: `python gorl_ppo_fm.py [paper|cpu|release] --env-id CheetahRun` (any flag overrides them).
+    paper: Args' defaults, the paper's GoRL at the paper's scale (180M steps on 2048 envs, stages of 60M/60M/30M/30M).
+    cpu: the same method at a budget two CPU cores run in about half an hour: 3M steps in the same 2:2:1:1 stages, on 16
+      envs with 8 minibatches of 16 segments and 8 epochs per iteration, clip 0.2 and gamma 0.99 for so small a batch, no
+      entropy bonus or gradient clipping, 30 evaluations of 32 episodes, and refits on 32 episodes fit for 200 epochs
+      (50 epochs over 32 episodes undertrain a decoder that the paper fits on 4096; docs/gorl-stages.md).
+    release: the authors' released run of `env_id` (docs/reproducing.md): the KL's moments form, refit data from the
+      stage's best encoder, 50,000-step refits of a 128-wide decoder, fresh encoders, per-stage and per-task settings.
+    FingerSpin takes the released runs' gamma 0.95 in cpu and release."""
+    paper = Args(env_id=env_id)
+    finger_spin = env_id == "FingerSpin"
+    cpu = replace(paper, total_timesteps=3_000_000, num_envs=16, batch_size=16, num_minibatches=8, update_epochs=8,
+                  gamma=0.95 if finger_spin else 0.99, clip_coef=0.2, clip_coef_later=0.2, ent_coef=0.0, max_grad_norm=0.0,
+                  eval_every=100_000, num_eval_envs=32, refine_episodes=32, refine_num_envs=16, decoder_epochs=200,
+                  decoder_batch_size=1024)
+    release_tasks = {
+        "FingerTurnHard": dict(stage_betas=(5e-4, 1e-3, 1e-3, 1e-2), stage_max_grad_norms=(0.5, 1.0)),
+        "FishSwim": dict(obs_stats_accumulation=("legacy_batch_only",), obs_stats_timing=("legacy_pre_update",)),
+        "HopperStand": dict(decoder_hidden=64, target_clip=0.0),
+        "WalkerWalk": dict(stage_betas=(5e-4, 3e-3), stage_max_grad_norms=(0.5, 1.0),
+                           stage_learning_rates=(1e-3, 1e-3, 1e-3, 3e-4), stage_encoder_resets=("fresh", "prior-best")),
+    }
+    release = dict(gamma=0.95 if finger_spin else paper.gamma, kl_form="moments", refine_from="best",
+                   decoder_steps=50_000, decoder_hidden=128, stage_betas=(5e-4, 1e-3), stage_encoder_resets=("fresh",))
+    release = replace(paper, **{**release, **release_tasks.get(env_id, {})})  # a task's own settings win
+    return {"paper": paper, "cpu": cpu, "release": release}
 
 
 # ---- the algorithm: the networks, the observation normalizer, GAE and the losses ----
@@ -218,7 +264,9 @@ class RunningMeanStd(nn.Module):
         """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
         sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        n = x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
@@ -278,18 +326,40 @@ def explained_variance(targets, values, mask):
     return 1 - (((targets - values) * mask) ** 2).sum() / n / target_var.clamp(min=1e-8)
 
 
-def per_stage(values, stage):
-    """A per-stage flag's value in `stage`: one value for every stage, or one per stage with the last repeating."""
-    return values[min(stage, len(values) - 1)]
-
-
 def kl_to_prior(dist, form="analytic"):
     """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample: `analytic` (the paper)
-    KL(N(mu, sigma^2) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), or the released code's mean_d mu^2 +
-    mean_d sigma^2 (with coefficient c, the analytic pull on the means at beta = 2c / D, but sigma pulled to 0, not 1)."""
-    if form == "release":
+    KL(N(mu, sigma^2) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), or the released code's `moments`,
+    mean_d mu^2 + mean_d sigma^2 (with coefficient c, the analytic pull on the means at beta = 2c / D, but sigma pulled to
+    0, not 1)."""
+    if form == "moments":
         return (dist.mean**2).mean(-1) + (dist.scale**2).mean(-1)
     return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
+
+
+def stage_settings(args, stage):
+    """`args` as `stage` runs them: --learning-rate and --clip-coef in stage 0 and their *-later values after; a
+    per-stage switch of the released runs (the end of Args, one value per stage, the last repeating) overrides."""
+    def pick(values, default):
+        return values[min(stage, len(values) - 1)] if values else default
+
+    settings = copy.copy(args)
+    settings.learning_rate = pick(args.stage_learning_rates, args.learning_rate if stage == 0 else args.learning_rate_later)
+    settings.clip_coef = args.clip_coef if stage == 0 else args.clip_coef_later
+    settings.ent_coef = pick(args.stage_ent_coefs, args.ent_coef)
+    settings.max_grad_norm = pick(args.stage_max_grad_norms, args.max_grad_norm)
+    settings.beta = pick(args.stage_betas, args.beta)
+    settings.encoder_reset = pick(args.stage_encoder_resets, args.encoder_reset)
+    settings.obs_stats_accumulation = pick(args.obs_stats_accumulation, None)
+    settings.obs_stats_timing = pick(args.obs_stats_timing, None)
+    return settings
+
+
+class Sample(NamedTuple):
+    """What `act` returns: the sampled action, its log-probability, and the policy's mean (what evaluation runs)."""
+
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
 
 
 class Agent(nn.Module):
@@ -317,21 +387,66 @@ class Agent(nn.Module):
         u = dist.rsample()
         return dist.entropy().sum(-1).mean() + (2 * (np.log(2) - u - F.softplus(-2 * u))).sum(-1).mean()
 
-    def act(self, x, deterministic=False):
-        """Returns (u, log-prob of u, environment action in [-1, 1])."""
+    def act(self, x):
+        """A sampled pre-tanh action u, its log-probability and the Gaussian's mean (evaluation's deterministic u)."""
         dist = self.get_dist(x)
-        u = dist.mean if deterministic else dist.sample()
-        return u, dist.log_prob(u).sum(-1), torch.tanh(u)
+        u = dist.sample()
+        return Sample(action=u, log_prob=dist.log_prob(u).sum(-1), mean=dist.mean)
+
+
+def ppo_update(agent, optimizer, segments, args):
+    """`--update-epochs` passes over the iteration's segments in minibatches of `--batch-size`: the clipped surrogate,
+    the masked value loss and the entropy bonus, on the latents z, plus the KL-to-prior penalty (Eq. 3). Returns each
+    minibatch's statistics (0-d tensors, still on the device)."""
+    stats = []
+    num_segments = len(segments["obs"])
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(num_segments, device=segments["obs"].device)
+        for start in range(0, num_segments, args.batch_size):
+            idx = perm[start : start + args.batch_size]
+            mb_obs = segments["obs"][idx]
+            mb_mask = segments["masks"][idx]
+            values = agent.get_value(mb_obs)
+            with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
+                advantages, v_targets = compute_gae(segments["rewards"][idx], values, segments["terminations"][idx], mb_mask,
+                                                    args.gamma, args.gae_lambda)
+                advantages = normalize_advantages(advantages, mb_mask)
+
+            dist = agent.get_dist(mb_obs[:, :-1])
+            logratio = dist.log_prob(segments["actions"][idx]).sum(-1) - segments["logprobs"][idx]
+            ratio = logratio.exp()
+            clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+            pg_loss = -torch.min(advantages * ratio, advantages * clipped_ratio).mean()
+            v_loss = args.vf_coef * (mb_mask * (v_targets - values[:, :-1]) ** 2).mean()
+            entropy = agent.entropy(dist, args.tanh_entropy_correction)
+            latent_kl = kl_to_prior(dist, args.kl_form).mean()
+            loss = pg_loss + v_loss - args.ent_coef * entropy + args.beta * latent_kl
+
+            optimizer.zero_grad()
+            loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            approx_kl = ((ratio - 1) - logratio).mean()
+            clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
+            explained_var = explained_variance(v_targets, values[:, :-1].detach(), mb_mask)
+            stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
+                          "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                          "losses/explained_variance": explained_var})
+            stats[-1].update({"gorl/latent_kl": latent_kl, "gorl/latent_mean": dist.mean.mean(),
+                              "gorl/latent_std": dist.scale.mean()})
+    return stats
 
 
 def eval_policy(agent, obs_rms, decoder):
     """The deterministic policy that evaluation runs: raw observation -> the encoder's mean latent, decoded, tanh."""
-    return lambda x: torch.tanh(decoder(x, agent.act(obs_rms(x), deterministic=True)[0]))
+    return lambda x: torch.tanh(decoder(x, agent.get_dist(obs_rms(x)).mean))
 
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_dim = checkpoint["loop"]["obs_dim"]
+    action_dim = checkpoint["loop"]["action_dim"]
     obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     agent = Agent(obs_dim, action_dim).to(device)
@@ -357,6 +472,20 @@ def reset_encoder(agent, mode, obs_dim, action_dim):
         agent.actor[-1].bias[:action_dim] = 0.0
         agent.actor[-1].bias[action_dim:] = float(np.log(np.expm1(1.0 - 1e-3)))
     return agent
+
+
+def restart_encoder(agent, obs_rms, optimizer, best, settings):
+    """The encoder, its normalizer and its optimizer for the next stage (`settings.encoder_reset`, `reset_encoder`)."""
+    if settings.encoder_reset in ("warm", "prior-best"):  # the stage's best encoder with its normalizer (the release)
+        agent = copy.deepcopy(best["agent"])
+        obs_rms = copy.deepcopy(best["obs_rms"])
+    if settings.encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
+        obs_rms = RunningMeanStd(len(obs_rms.mean)).to(obs_rms.mean.device)
+    agent = reset_encoder(agent, settings.encoder_reset, len(obs_rms.mean), agent.actor[-1].out_features // 2)
+    if settings.encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
+        optimizer = torch.optim.Adam(agent.parameters(), lr=settings.learning_rate, eps=1e-8)
+    optimizer.param_groups[0]["lr"] = settings.learning_rate
+    return agent, obs_rms, optimizer
 
 
 SAMPLES_PER_ACTION = 8  # (noise, t) pairs per action in the decoder's loss, as the released code
@@ -390,7 +519,8 @@ class Decoder(nn.Module):
 
     def forward(self, obs, z):
         """Decodes a batch: x = z at t = 1, then x <- x - v / 10 at t = 1.0, 0.9, ..., 0.1."""
-        s, x = (obs - self.obs_mean) / self.obs_std, z
+        s = (obs - self.obs_mean) / self.obs_std
+        x = z
         temb = self.embed(1.0 - torch.arange(self.num_steps, device=z.device)[:, None] / self.num_steps)  # all 10 at once
         for k in range(self.num_steps):
             x = x - self.velocity(s, x, temb[k].expand(len(x), -1)) / self.num_steps
@@ -409,8 +539,13 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
     ended. Returns (obs, pre-tanh action, z, episode id) of their valid steps, their returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
-    episode, next_episode = np.arange(num_envs), num_envs
-    transitions, episode_ids, valids, ended_episodes, returns = [], [], [], [], []
+    episode = np.arange(num_envs)  # the id of each env's running episode
+    next_episode = num_envs
+    transitions = []
+    episode_ids = []
+    valids = []
+    ended_episodes = []
+    returns = []
     while len(returns) < num_episodes:
         obs = torch.as_tensor(next_obs, device=device)
         z = sample_z(obs)
@@ -435,7 +570,7 @@ def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4) from fresh prior noise eps ~ N(0, I), never
     the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1), SAMPLES_PER_ACTION samples per action, to
     the pre-tanh actions clipped to +-`--target-clip`. 10% of the episodes are held out; the decoder with the lowest
-    validation loss (fixed noise), checked every epoch (or 2% of `--decoder-steps` steps with replacement), is kept.
+    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept.
     Returns (decoder, mean train loss since the last validation, best validation loss)."""
     obs, action, z, episode_id = data
     if args.target_clip > 0:
@@ -443,7 +578,8 @@ def fit_decoder(data, args, device):
     episodes = episode_id.unique()
     val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
     is_val = torch.isin(episode_id, val_episodes)
-    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
+    train_idx = (~is_val).nonzero().squeeze(1)
+    val_idx = is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
     decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
@@ -455,10 +591,12 @@ def fit_decoder(data, args, device):
         return obs[idx].repeat_interleave(SAMPLES_PER_ACTION, 0), a, noise, torch.rand_like(a[:, :1])
 
     val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
-    steps_per_epoch = -(-len(train_idx) // args.decoder_batch_size)
+    steps_per_epoch = math.ceil(len(train_idx) / args.decoder_batch_size)
     total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
     validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
-    best_val, best_state, losses = float("inf"), None, []
+    best_val = float("inf")
+    best_state = None
+    losses = []
     for step in range(total_steps):
         if args.decoder_steps:  # with replacement
             idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
@@ -471,18 +609,21 @@ def fit_decoder(data, args, device):
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        if (step + 1) % validate_every and step + 1 < total_steps:
+        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps
+        if not validate:
             continue
         with torch.no_grad():
             starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
             chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
             val_loss = float(torch.cat(chunks).mean())
-        train_loss, losses = float(torch.stack(losses).mean()), []
+        train_loss = float(torch.stack(losses).mean())
+        losses = []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
             print(f"error: non-finite decoder loss at refit step {step + 1} of {total_steps}; stopping", file=sys.stderr)
             sys.exit(1)
         if val_loss < best_val:
-            best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
+            best_val = val_loss
+            best_state = copy.deepcopy(decoder.state_dict())
     decoder.load_state_dict(best_state)
     return decoder, train_loss, best_val
 
@@ -490,40 +631,68 @@ def fit_decoder(data, args, device):
 def load_decoder(path, args):
     """The last decoder of a model saved by this script on the same task (--decoder-checkpoint, Sec. 4.3.3)."""
     saved = load_checkpoint(path)
-    if (saved["args"]["env_id"], saved["args"]["decoder_hidden"]) != (args.env_id, args.decoder_hidden):
+    if saved["args"]["env_id"] != args.env_id or saved["args"]["decoder_hidden"] != args.decoder_hidden:
         fail(f"--decoder-checkpoint {path!r} is no decoder of --env-id {args.env_id} --decoder-hidden {args.decoder_hidden}")
     return saved["decoder"]
 
 
+
+
+def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
+    """Phase 2 of Algorithm 1 (Eq. 4): the stage's encoder (`sample_z`: raw obs -> sampled z) runs `--refine-episodes`
+    episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
+    These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
+    seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
+    data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
+                                                   args.refine_episodes, seed, device)
+    loop["refine_steps"] += steps
+    decoder, train_loss, val_loss = fit_decoder(data, args, device)
+    log_scalars(writer, {"gorl/refine_return": returns.mean(), "gorl/refine_steps": loop["refine_steps"],
+                         "decoder/train_loss": train_loss, "decoder/val_loss": val_loss}, loop["global_step"])
+    print(f"stage {loop['stage']} refit: {len(data[0])} steps of {len(returns)} episodes (return {returns.mean():.1f}), "
+          f"decoder loss train {train_loss:.4f} val {val_loss:.4f}")
+    return decoder
+
+
+def eval_after_refit(policy, args, backend, device, writer, loop):
+    """The new decoder with the restarted encoder, before any update: what the refit alone keeps of the stage's return."""
+    refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
+    writer.add_scalar("gorl/eval_after_refit", refit_return, loop["global_step"])
+    print(f"stage {loop['stage']} starts: eval before the refit {loop['eval_return']:.1f}, after {refit_return:.1f}")
+
+
 def main(args):
-    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
+    checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights]
-    stage_iterations = [steps // steps_per_iteration for steps in stage_steps]
-    num_iterations, stage_ends = sum(stage_iterations), list(np.cumsum(stage_iterations))
+    stage_ends = list(np.cumsum([steps // steps_per_iteration for steps in stage_steps]))  # the last iteration of each
+    num_iterations = stage_ends[-1]
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
-    rollout_threads, update_threads = (args.threads, args.threads) if args.threads > 0 else (1, torch.get_num_threads())
+    rollout_threads = args.threads or 1
+    update_threads = args.threads or torch.get_num_threads()
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
-    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_dim = next_obs.shape[1]
+    action_dim = envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
-    agent = reset_encoder(Agent(obs_dim, action_dim).to(device), args.encoder_reset[0], obs_dim, action_dim)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
+    settings = stage_settings(args, 0)
+    agent = reset_encoder(Agent(obs_dim, action_dim).to(device), settings.encoder_reset, obs_dim, action_dim)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=settings.learning_rate, eps=1e-8)
     # Stage 0 decodes with the identity (a fresh decoder), or with a saved one (frozen-decoder study, Sec. 4.3.3).
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device)
     if args.decoder_checkpoint is not None:
         decoder.load_state_dict(load_decoder(args.decoder_checkpoint, args))
-    decoders, stage, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0
-    # The stage's best-evaluated encoder, for --refine-from best and --encoder-reset warm / prior-best
+    # The stage's best-evaluated encoder, for --refine-from best and the release's warm and prior-best restarts
     best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        policy, seed = eval_policy(agent, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
+        seed = args.seed + EVAL_SEED_OFFSET
+        policy = eval_policy(agent, obs_rms, decoder)
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         if mean > best["return"]:
@@ -533,143 +702,94 @@ def main(args):
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
-    # `learnable` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
-    U, T, N = args.batch_size * args.num_minibatches // args.num_envs, args.unroll_length, args.num_envs
+    # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
+    U = args.batch_size * args.num_minibatches // args.num_envs
+    T = args.unroll_length
+    N = args.num_envs
     obs = torch.zeros((U, T + 1, N, obs_dim), device=device)
-    actions = torch.zeros((U, T, N, action_dim), device=device)
+    latents = torch.zeros((U, T, N, action_dim), device=device)
     logprobs = torch.zeros((U, T, N), device=device)
-    rewards, terminations, learnable = (np.zeros((U, T, N), np.float32) for _ in range(3))
+    rewards = np.zeros((U, T, N), np.float32)
+    terminations = np.zeros((U, T, N), np.float32)
+    masks = np.zeros((U, T, N), np.float32)
 
-    modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder}
-    modules.update(best_agent=best["agent"], best_obs_rms=best["obs_rms"])
-    iteration, global_step, train_time, eval_return, train_return = 0, 0, 0.0, float("nan"), float("nan")
+    modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder,
+               "best_agent": best["agent"], "best_obs_rms": best["obs_rms"]}
+    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_return": float("nan"), "train_return": float("nan"),
+            "stage": 0, "refine_steps": 0}
     if checkpoint is None:
-        eval_return = eval_and_log(0)
+        loop["eval_return"] = eval_and_log(0)
     else:
         loop = restore(checkpoint, modules)
-        iteration, global_step, train_time, eval_return, train_return = (
-            loop[k] for k in ("iteration", "global_step", "train_time", "eval_return", "train_return"))
-        stage, refine_steps, decoders, best["return"] = (loop[k] for k in ("stage", "refine_steps", "decoders", "best_return"))
-    for iteration in range(iteration + 1, num_iterations + 1):
+        best["return"] = loop["best_return"]
+    global_step = loop["global_step"]
+    for iteration in range(loop["iteration"] + 1, num_iterations + 1):
         iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
-        clip_coef, beta = args.clip_coef if stage == 0 else args.clip_coef_later, per_stage(args.beta, stage)
-        ent_coef = args.ent_coef if stage == 0 or args.ent_coef_later is None else per_stage(args.ent_coef_later, stage - 1)
-        max_grad_norm = args.max_grad_norm if stage == 0 or args.max_grad_norm_later is None else args.max_grad_norm_later
-        accumulation, timing = per_stage(args.obs_stats_accumulation, stage), per_stage(args.obs_stats_timing, stage)
+        settings = stage_settings(args, loop["stage"])
         for unroll in range(U):
             for t in range(T):
                 obs[unroll, t] = torch.as_tensor(next_obs, device=device)
                 with torch.no_grad():  # Phase 1: PPO's action is the latent z; the frozen decoder is part of the environment
-                    actions[unroll, t], logprobs[unroll, t], _ = agent.act(obs_rms(obs[unroll, t]))
-                    env_action = torch.tanh(decoder(obs[unroll, t], actions[unroll, t]))
+                    sample = agent.act(obs_rms(obs[unroll, t]))
+                    env_action = torch.tanh(decoder(obs[unroll, t], sample.action))
+                latents[unroll, t] = sample.action
+                logprobs[unroll, t] = sample.log_prob
                 next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
-                rewards[unroll, t], terminations[unroll, t] = reward * args.reward_scale, terminated
-                learnable[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
-                train_return = log_episodes(writer, ended, global_step + (unroll * T + t + 1) * N, train_return)
+                rewards[unroll, t] = reward * args.reward_scale
+                terminations[unroll, t] = terminated
+                masks[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                step = global_step + (unroll * T + t + 1) * N
+                loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        if timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
-            obs_rms.update(obs[:, :T], accumulation == "cumulative")
+        if settings.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
+            obs_rms.update(obs[:, :T], settings.obs_stats_accumulation == "cumulative")
         # Segments, observations normalized with the statistics that acted on them (with legacy_pre_update, statistics
         # that include them, while the stored log-probs came from the old ones).
-        b_obs, b_actions, b_logprobs, b_rewards, b_terminations, b_learnable = (
-            to_segments(x, device) for x in (obs_rms(obs), actions, logprobs, rewards, terminations, learnable))
+        segments = {"obs": to_segments(obs_rms(obs), device), "actions": to_segments(latents, device),
+                    "logprobs": to_segments(logprobs, device), "rewards": to_segments(rewards, device),
+                    "terminations": to_segments(terminations, device), "masks": to_segments(masks, device)}
 
-        stats = []
         torch.set_num_threads(update_threads)  # also for the evaluation that follows
-        for epoch in range(args.update_epochs):
-            perm = torch.randperm(U * N, device=device)
-            for start in range(0, U * N, args.batch_size):
-                idx = perm[start : start + args.batch_size]
-                mb_obs, mb_learnable = b_obs[idx], b_learnable[idx]
-                values = agent.get_value(mb_obs)
-                with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
-                    advantages, v_targets = compute_gae(b_rewards[idx], values, b_terminations[idx], mb_learnable, args.gamma,
-                                                        args.gae_lambda)
-                    advantages = normalize_advantages(advantages, mb_learnable)
-
-                dist = agent.get_dist(mb_obs[:, :-1])
-                logratio = dist.log_prob(b_actions[idx]).sum(-1) - b_logprobs[idx]
-                ratio = logratio.exp()
-                clipped_ratio = ratio.clamp(1 - clip_coef, 1 + clip_coef)
-                pg_loss = -torch.min(advantages * ratio, advantages * clipped_ratio).mean()
-                v_loss = args.vf_coef * (mb_learnable * (v_targets - values[:, :-1]) ** 2).mean()
-                entropy = agent.entropy(dist, args.tanh_entropy_correction)
-                latent_kl = kl_to_prior(dist, args.kl_form).mean()
-                loss = pg_loss + v_loss - ent_coef * entropy + beta * latent_kl
-
-                optimizer.zero_grad()
-                loss.backward()
-                if max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(agent.parameters(), max_grad_norm)
-                optimizer.step()
-                approx_kl, clipfrac = ((ratio - 1) - logratio).mean(), ((ratio - 1).abs() > clip_coef).float().mean()
-                explained_var = explained_variance(v_targets, values[:, :-1].detach(), mb_learnable)
-                stats.append({"losses/loss": loss, "losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
-                              "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
-                              "losses/explained_variance": explained_var})
-                stats[-1].update({"gorl/latent_kl": latent_kl, "gorl/latent_mean": dist.mean.mean(),
-                                  "gorl/latent_std": dist.scale.mean()})
+        stats = ppo_update(agent, optimizer, segments, settings)
         # The normalizer merges the new batch only after the update on it ("rollout-consistent", as the GoRL release's fix).
-        if timing == "rollout_consistent":
-            obs_rms.update(obs[:, :T], accumulation == "cumulative")
+        if settings.obs_stats_timing == "rollout_consistent":
+            obs_rms.update(obs[:, :T], settings.obs_stats_accumulation == "cumulative")
 
         log_scalars(writer, finite_means(stats, lambda i: f"at iteration {iteration} (epoch {i // args.num_minibatches + 1}, "
                                                           f"minibatch {i % args.num_minibatches + 1})"), global_step)
-        train_time += time.time() - iteration_start
-        sps, rollout_sps = int(global_step / train_time), int(steps_per_iteration / rollout_time)
-        log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": rollout_sps}, global_step)
+        loop["train_time"] += time.time() - iteration_start
+        sps = int(global_step / loop["train_time"])
+        log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps_per_iteration / rollout_time)}, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        log_scalars(writer, {"gorl/stage": stage, "gorl/beta": beta, "charts/clip_coef": clip_coef}, global_step)
-        log_scalars(writer, {"charts/ent_coef": ent_coef, "charts/max_grad_norm": max_grad_norm}, global_step)
+        log_scalars(writer, {"gorl/stage": loop["stage"], "gorl/beta": settings.beta, "charts/clip_coef": settings.clip_coef,
+                             "charts/ent_coef": settings.ent_coef, "charts/max_grad_norm": settings.max_grad_norm},
+                    global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration in stage_ends:
-            eval_return = eval_and_log(global_step)  # GoRL also evaluates at every stage end
+            loop["eval_return"] = eval_and_log(global_step)  # GoRL also evaluates at every stage end
+        eta = (num_iterations - iteration) * loop["train_time"] / iteration
+        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
+              f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+        loop.update(iteration=iteration, global_step=global_step, obs_dim=obs_dim, action_dim=action_dim)
         if iteration in stage_ends[:-1]:
-            # Phase 2, decoder refinement (Algorithm 1, Eq. 4): the stage's encoder collects data through the stage's
-            # decoder, and a new decoder is fit from the fixed prior. These env steps are not in global_step.
-            refine_start = time.time()
-            from_best = args.refine_from == "best"
-            encoder, encoder_rms = (best["agent"], best["obs_rms"]) if from_best else (agent, obs_rms)
-            sample_z, seed = (lambda x: encoder.act(encoder_rms(x))[0]), args.seed + REFINE_SEED_OFFSET + stage
-            data, refine_returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend,
-                                                                  args.refine_num_envs, args.refine_episodes, seed, device)
-            refine_steps += steps
-            decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
-            decoders.append(copy.deepcopy(decoder.state_dict()))
-            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps,
-                                 "gorl/refine_encoder_eval": best["return"] if from_best else eval_return,
-                                 "decoder/train_loss": decoder_train_loss, "decoder/val_loss": decoder_val_loss}, global_step)
+            # Phase 2, decoder refinement: the stage's last (or best) encoder collects the data, a new decoder is fit.
+            encoder = best if settings.refine_from == "best" else {"agent": agent, "obs_rms": obs_rms}
+            encoder_eval = best["return"] if encoder is best else loop["eval_return"]
+            writer.add_scalar("gorl/refine_encoder_eval", encoder_eval, global_step)
+            decoder = refine_decoder(lambda x: encoder["agent"].act(encoder["obs_rms"](x)).action, decoder, args, backend,
+                                     device, writer, loop)
             # Stage-wise re-initialization: the next stage's encoder restarts against the new decoder.
-            stage += 1
-            encoder_reset = per_stage(args.encoder_reset, stage)
-            if encoder_reset in ("warm", "prior-best"):  # the stage's best encoder with its normalizer (the release)
-                agent, obs_rms = copy.deepcopy(best["agent"]), copy.deepcopy(best["obs_rms"])
-            if encoder_reset == "fresh":  # with actor and critic, the normalizer starts over (released FM code)
-                obs_rms = RunningMeanStd(obs_dim).to(device)
-            agent = reset_encoder(agent, encoder_reset, obs_dim, action_dim)
-            if encoder_reset != "none":  # a restarted encoder gets a fresh optimizer state
-                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
-            optimizer.param_groups[0]["lr"] = per_stage(args.learning_rate_later, stage - 1)
+            loop["stage"] += 1
+            settings = stage_settings(args, loop["stage"])
+            agent, obs_rms, optimizer = restart_encoder(agent, obs_rms, optimizer, best, settings)
             modules.update(agent=agent, optimizer=optimizer, obs_rms=obs_rms, decoder=decoder)
             best["return"] = -float("inf")
-            # The new decoder with the restarted encoder, before any PPO update: what the refit alone gives.
-            policy, seed = eval_policy(agent, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
-            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device)[0]
-            writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
-            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes "
-                  f"(return {refine_returns.mean():.1f}), decoder loss train {decoder_train_loss:.4f} "
-                  f"val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
-                  f"({time.time() - refine_start:.0f}s)")
-        eta = (num_iterations - iteration) * train_time / iteration
-        print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={train_return:.1f} "
-              f"eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            eval_after_refit(eval_policy(agent, obs_rms, decoder), args, backend, device, writer, loop)
+        loop["best_return"] = best["return"]
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration in stage_ends:
-            loop = {"iteration": iteration, "global_step": global_step, "train_time": train_time, "eval_return": eval_return,
-                    "train_return": train_return, "obs_dim": obs_dim, "action_dim": action_dim, "stage": stage,
-                    "refine_steps": refine_steps, "decoders": decoders, "best_return": best["return"]}
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
@@ -696,19 +816,40 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values) or getattr(args, name) == ():
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def parse_args():
+    """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    argv = sys.argv[1:]
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
+    for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
+        early.add_argument(flag)
+    known = early.parse_known_args(argv)[0]
+    named = presets(known.env_id or Args.env_id)
+    preset = argv.pop(0) if argv and argv[0] in named else "paper"
+    if argv and not argv[0].startswith("-"):
+        fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
+    saved_path = known.resume or known.eval_checkpoint
+    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    defaults = Args(**saved) if saved else named[preset]
+    changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
+    source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
+    description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
+    if saved:  # a saved run continues or is evaluated as it was; only these may change
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        for name, value in vars(args).items():
+            if value != saved[name] and name not in may_differ.split():
+                fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+    return args
 
 
 def setup(args, load_policy):
     """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
     checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
-    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
-        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
-        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
-            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
-        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
     os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -734,15 +875,14 @@ def setup(args, load_policy):
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs wandb: pip install wandb")
-    if args.track:
-        wandb = importlib.import_module("wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+    if args.track:  # Weights and Biases reads the tensorboard logs
+        importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                              sync_tensorboard=True, config=vars(args), save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return args, checkpoint, backend, device, writer, run_name
+    return checkpoint, backend, device, writer, run_name
 
 
 def dmc_task_ids():
@@ -773,13 +913,13 @@ def resolve_backend(env_id, backend):
 
 
 def check_memory(args, backend, spare_envs):
-    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
-    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    """Refuses a run whose envs (each what 8 add to this process) cannot fit in memory (tests: GORL_MEMORY_LIMIT_BYTES)."""
     available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
     if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
         return
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
-    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    before = psutil.Process().memory_info().rss
+    probe = VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
@@ -792,16 +932,19 @@ def check_memory(args, backend, spare_envs):
 
 
 class VecEnv:
-    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
-    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
-    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds.
+    `step` also returns `valid` (False on EnvPool's reset step after an episode end) and the ended episodes' stats."""
 
     def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        dmc = dmc_task_ids()
+        self.backend = backend
+        self.num_envs = num_envs
+        self.seed = seed
         if backend == "envpool":
             pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
             self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
-            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            space = self.envs.action_space
+            self.max_episode_steps = self.envs.spec.config.max_episode_steps
             if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
                 from dm_control import suite
                 self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
@@ -813,13 +956,17 @@ class VecEnv:
             self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                      [gym.wrappers.FlattenObservation], max_episode_steps=limit,
                                      render_mode="rgb_array" if render else None)
-            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+            space = self.envs.single_action_space
+            self.max_episode_steps = self.envs.envs[0].spec.max_episode_steps
         if not isinstance(space, gym.spaces.Box):
             fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
         bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
         self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
-        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
-        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+        self.action_dim = self.low.size
+        self.identity = bool(np.all(self.low == -1) and np.all(self.high == 1))  # every DMC task: no mapping
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.close = self.envs.close
 
     def flatten(self, obs):
         if isinstance(obs, dict):  # EnvPool's DMC tasks
@@ -827,7 +974,8 @@ class VecEnv:
         return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
 
     def reset(self):
-        self.returns[:], self.lengths[:] = 0, 0
+        self.returns[:] = 0
+        self.lengths[:] = 0
         return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
 
     def step(self, action):
@@ -838,11 +986,15 @@ class VecEnv:
         # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
         # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        reward = np.asarray(reward, np.float32) * valid
+        terminated = np.asarray(terminated)
+        truncated = np.asarray(truncated)
         done = terminated | truncated
-        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        self.returns = self.returns + reward
+        self.lengths = self.lengths + valid
         ended = self.returns[done], self.lengths[done]
-        self.returns[done], self.lengths[done] = 0, 0
+        self.returns[done] = 0
+        self.lengths[done] = 0
         obs = self.final_obs = self.flatten(obs)
         if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
             self.final_obs = obs.copy()
@@ -852,15 +1004,17 @@ class VecEnv:
 
 @torch.no_grad()
 def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
-    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
-    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    """(mean, std) of one episode's return on each of `num_envs` fresh envs seeded alike every time (video: env 0's)."""
     envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
-    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    obs = envs.reset()
+    returns = np.zeros(num_envs)
+    done = np.zeros(num_envs, dtype=bool)
     for _ in range(envs.max_episode_steps):
         if frames is not None:
             frames.append(envs.envs.render()[0])
         obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-        returns, done = returns + reward * ~done, done | terminated | truncated
+        returns = returns + reward * ~done
+        done = done | terminated | truncated
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
@@ -893,7 +1047,7 @@ def load_checkpoint(path):
 
 
 def restore(checkpoint, modules):
-    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    """Loads a checkpoint into `modules` and the RNGs; returns its counters. Envs start new episodes."""
     for name, module in modules.items():
         module.load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -914,9 +1068,10 @@ def log_scalars(writer, scalars, global_step):
 
 def log_episodes(writer, ended, step, train_return):
     """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
-    if len(ended[0]):
-        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
-    return float(ended[0].mean()) if len(ended[0]) else train_return
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean())
 
 
 def finite_means(stats, where):
@@ -931,4 +1086,4 @@ def finite_means(stats, where):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

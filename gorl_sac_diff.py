@@ -15,16 +15,18 @@ The code above the `# ---- plumbing` line is the whole algorithm; below it, the 
     python gorl_sac_diff.py --env-id Hopper-v5    # the paper's setting; the README has CPU-sized commands
 """
 import copy
+import argparse
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import sys
 import time
 import types
-from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, Optional, Tuple
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
 # the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
@@ -153,6 +155,18 @@ class Args:
             fail(f"each stage of --total-timesteps {self.total_timesteps} needs more than --learning-starts steps")
 
 
+def presets(env_id):
+    """The named settings: `python gorl_sac_diff.py [paper|cpu] --env-id HalfCheetah-v5` (any flag overrides them).
+    paper: Args' defaults, the paper's GoRL-SAC (App. F.2): 4M steps in stages of 2M/1M/1M, 20 updates per env step.
+    cpu: a budget two CPU cores run in under an hour: 400k steps in the same 2:1:1 stages on 8 envs with a quarter update
+      per env step, 5,000 random steps first in each stage, 40 evaluations of 10 episodes, and refits on 32 episodes
+      fit for 200 epochs."""
+    paper = Args(env_id=env_id)
+    cpu = replace(paper, total_timesteps=400_000, num_envs=8, utd_ratio=0.25, eval_every=10_000, refine_episodes=32,
+                  refine_num_envs=16, decoder_epochs=200)
+    return {"paper": paper, "cpu": cpu}
+
+
 # ---- the algorithm: the networks, the observation normalizer and the losses ----
 def layer_init(layer):
     """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
@@ -188,7 +202,9 @@ class RunningMeanStd(nn.Module):
         """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
         sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        n = x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
@@ -208,12 +224,9 @@ class RunningMeanStd(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
-def kl_to_prior(dist, form="analytic"):
-    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample: `analytic` (the paper)
-    KL(N(mu, sigma^2) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - 1 - 2 log sigma), or the released code's mean_d mu^2 +
-    mean_d sigma^2 (with coefficient c, the analytic pull on the means at beta = 2c / D, but sigma pulled to 0, not 1)."""
-    if form == "release":
-        return (dist.mean**2).mean(-1) + (dist.scale**2).mean(-1)
+def kl_to_prior(dist):
+    """The penalty of paper Eq. 3 that keeps the latents where the decoder was trained, per sample:
+    KL(N(mu, sigma^2) || N(0, I)) = 0.5 sum_d (mu^2 + sigma^2 - 1 - 2 log sigma)."""
     return 0.5 * (dist.mean**2 + dist.scale**2 - 1 - 2 * dist.scale.log()).sum(-1)
 
 
@@ -237,7 +250,16 @@ class SoftQNetwork(nn.Module):
         return h.squeeze(-1)
 
 
-LOG_STD_MAX, LOG_STD_MIN = 2, -5
+LOG_STD_MAX = 2
+LOG_STD_MIN = -5
+
+
+class Sample(NamedTuple):
+    """What `get_action` returns: the reparameterized u, the log-probability of tanh(u), and the Gaussian's mean."""
+
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
 
 
 class Actor(nn.Module):
@@ -253,22 +275,23 @@ class Actor(nn.Module):
         return Normal(mean, log_std.exp(), validate_args=False)  # no per-step checks (and syncs)
 
     def get_action(self, x):
-        """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
+        """A Sample: u reparameterized, the log-prob of tanh(u), deterministic u = mean. The entropy SAC regularizes is
         that of tanh(u), so saturating is penalized (in GoRL too, where u is the latent z fed to the decoder)."""
         dist = self.get_dist(x)
         u = dist.rsample()
         log_prob = (dist.log_prob(u) - torch.log(1 - torch.tanh(u).pow(2) + 1e-6)).sum(-1)  # change of variables through tanh
-        return u, log_prob, dist.mean
+        return Sample(action=u, log_prob=log_prob, mean=dist.mean)
 
 
 def eval_policy(actor, obs_rms, decoder):
     """The deterministic policy that evaluation runs: raw observation -> the actor's mean latent, decoded, tanh."""
-    return lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x))[2]))
+    return lambda x: torch.tanh(decoder(x, actor.get_action(obs_rms(x)).mean))
 
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_dim = checkpoint["loop"]["obs_dim"]
+    action_dim = checkpoint["loop"]["action_dim"]
     obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     actor = Actor(obs_dim, action_dim).to(device)
@@ -291,7 +314,8 @@ def actor_at_prior(actor):
 
 def make_sac(obs_dim, action_dim, args, device):
     """A fresh actor, the two critics and their targets, their optimizers and the entropy coefficient."""
-    actor, qf = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+    actor = Actor(obs_dim, action_dim).to(device)
+    qf = SoftQNetwork(obs_dim, action_dim).to(device)
     log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device,
                              requires_grad=args.autotune)
     # Fused Adam: one kernel per step where the device has it (CPU and CUDA), else one foreach kernel per operation
@@ -311,7 +335,8 @@ class ReplayBuffer:
     def __init__(self, size, obs_dim, action_dim, device):
         self.data = torch.zeros((size, 2 * obs_dim + action_dim + 2), device=device)
         self.fields = [obs_dim, action_dim, 1, obs_dim, 1]
-        self.pos, self.size = 0, 0
+        self.pos = 0
+        self.size = 0
 
     def add(self, obs, actions, rewards, next_obs, dones):
         """Adds transitions given as numpy arrays, in one upload; returns their rows. `next_obs` must be the observation
@@ -320,7 +345,8 @@ class ReplayBuffer:
         rows = np.concatenate([obs, actions, rewards[:, None], next_obs, dones[:, None]], 1, dtype=np.float32)
         rows = torch.as_tensor(rows, device=self.data.device)
         self.data[(self.pos + torch.arange(len(rows), device=rows.device)) % len(self.data)] = rows
-        self.pos, self.size = (self.pos + len(rows)) % len(self.data), min(self.size + len(rows), len(self.data))
+        self.pos = (self.pos + len(rows)) % len(self.data)
+        self.size = min(self.size + len(rows), len(self.data))
         return rows
 
     def sample(self, batch_size):
@@ -333,7 +359,9 @@ class ReplayBuffer:
         return {"pos": self.pos, "size": self.size, "data": self.data[: self.size].clone()}
 
     def load_state_dict(self, state):
-        self.data[: state["size"]], self.pos, self.size = state["data"], state["pos"], state["size"]
+        self.data[: state["size"]] = state["data"]
+        self.pos = state["pos"]
+        self.size = state["size"]
 
 
 def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
@@ -342,8 +370,9 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
     TD3 and CleanRL). No loop and no host sync inside, so --compile compiles each kind of step whole. Returns its losses."""
     if not actor:
         with torch.no_grad():
-            next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
-            min_qf_next = sac.qf_target(next_obs, next_actions).min(0).values - sac.log_alpha.exp() * next_log_pi
+            next_sample = sac.actor.get_action(next_obs)
+            min_qf_next = (sac.qf_target(next_obs, next_sample.action).min(0).values
+                           - sac.log_alpha.exp() * next_sample.log_prob)
             next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
         qf_a_values = sac.qf(obs, actions)  # [2, batch]
         qf_loss = ((qf_a_values - next_q_value) ** 2).mean(1)  # each critic's MSE
@@ -355,21 +384,21 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
         stats = {"losses/qf1_values": qf_a_values[0].mean(), "losses/qf2_values": qf_a_values[1].mean(),
                  "losses/qf1_loss": qf_loss[0], "losses/qf2_loss": qf_loss[1], "losses/qf_loss": qf_loss.mean()}
         return {name: value.detach() for name, value in stats.items()}
-    pi, log_pi, _ = sac.actor.get_action(obs)
+    sample = sac.actor.get_action(obs)
     alpha = sac.log_alpha.exp().detach()
     latent_kl = kl_to_prior(sac.actor.get_dist(obs)).mean()
-    actor_loss = (alpha * log_pi - sac.qf(obs, pi).min(0).values).mean() + args.beta * latent_kl
+    actor_loss = (alpha * sample.log_prob - sac.qf(obs, sample.action).min(0).values).mean() + args.beta * latent_kl
     sac.actor_optimizer.zero_grad()
     actor_loss.backward()
     sac.actor_optimizer.step()
-    # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
-    alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
+    # alpha rises when the policy's entropy -log_prob is below the target, and falls when above it
+    alpha_loss = (-sac.log_alpha.exp() * (sample.log_prob.detach() + sac.target_entropy)).mean()
     if args.autotune:
         sac.a_optimizer.zero_grad()
         alpha_loss.backward()
         sac.a_optimizer.step()
     stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss,
-             "losses/entropy": -log_pi.mean()}
+             "losses/entropy": -sample.log_prob.mean()}
     stats["gorl/latent_kl"] = latent_kl
     return {name: value.detach() for name, value in stats.items()}
 
@@ -383,10 +412,12 @@ def compile_update(update, device):
     except Exception as e:  # no C++ compiler, an unsupported platform: compilation errors have no common type
         print(f"note: --compile: torch.compile does not work here ({type(e).__name__}); the update runs eagerly")
         return update
-    compiled, calls = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None), []
+    compiled = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None)
+    calls = []
 
     def timed(*args):  # its first two calls, a critic step and an actor step, compile
-        start, out = time.time(), compiled(*args)
+        start = time.time()
+        out = compiled(*args)
         if len(calls) < 2:
             calls.append(time.time() - start)
             if len(calls) == 2:
@@ -429,15 +460,18 @@ class Decoder(nn.Module):
 
     def ddim_coefficients(self, t):
         """r and c of the DDIM step from t to t - 0.1."""
-        alpha_bar, alpha_bar_next = 1e-3 + 0.999 * (1 - t), 1e-3 + 0.999 * (1 - (t - 1.0 / self.num_steps))
+        alpha_bar = 1e-3 + 0.999 * (1 - t)
+        alpha_bar_next = 1e-3 + 0.999 * (1 - (t - 1.0 / self.num_steps))
         r = (alpha_bar_next / alpha_bar).sqrt()
         return r, (1 - alpha_bar_next).clamp(min=0).sqrt() - r * (1 - alpha_bar).sqrt()
 
     def forward(self, obs, z):
         """Decodes a batch: x = z at t = 1, then x <- x + c(t) f(s, x, t) at t = 1.0, 0.9, ..., 0.1."""
-        s, x = (obs - self.obs_mean) / self.obs_std, z
+        s = (obs - self.obs_mean) / self.obs_std
+        x = z
         t = 1.0 - torch.arange(self.num_steps, device=z.device)[:, None] / self.num_steps  # all 10 steps' constants at once
-        temb, c = self.embed(t), self.ddim_coefficients(t)[1]
+        temb = self.embed(t)
+        c = self.ddim_coefficients(t)[1]
         for k in range(self.num_steps):
             x = x + c[k] * self.correction(s, x, temb[k].expand(len(x), -1))
         return x
@@ -459,8 +493,13 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
     ended. Returns (obs, pre-tanh action, z, episode id) of their valid steps, their returns, and the env steps taken."""
     envs = VecEnv(env_id, backend, num_envs, seed)
     next_obs = envs.reset()
-    episode, next_episode = np.arange(num_envs), num_envs
-    transitions, episode_ids, valids, ended_episodes, returns = [], [], [], [], []
+    episode = np.arange(num_envs)  # the id of each env's running episode
+    next_episode = num_envs
+    transitions = []
+    episode_ids = []
+    valids = []
+    ended_episodes = []
+    returns = []
     while len(returns) < num_episodes:
         obs = torch.as_tensor(next_obs, device=device)
         z = sample_z(obs)
@@ -485,7 +524,7 @@ def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4) from fresh prior noise eps ~ N(0, I), never
     the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1), SAMPLES_PER_ACTION samples per action, to
     the pre-tanh actions clipped to +-`--target-clip`. 10% of the episodes are held out; the decoder with the lowest
-    validation loss (fixed noise), checked every epoch (or 2% of `--decoder-steps` steps with replacement), is kept.
+    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept.
     Returns (decoder, mean train loss since the last validation, best validation loss)."""
     obs, action, z, episode_id = data
     if args.target_clip > 0:
@@ -493,7 +532,8 @@ def fit_decoder(data, args, device):
     episodes = episode_id.unique()
     val_episodes = episodes[torch.randperm(len(episodes), device=device)[: max(1, len(episodes) // 10)]]
     is_val = torch.isin(episode_id, val_episodes)
-    train_idx, val_idx = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
+    train_idx = (~is_val).nonzero().squeeze(1)
+    val_idx = is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
     decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
@@ -505,10 +545,12 @@ def fit_decoder(data, args, device):
         return obs[idx].repeat_interleave(SAMPLES_PER_ACTION, 0), a, noise, torch.rand_like(a[:, :1])
 
     val_batch = batch(val_idx)  # drawn once: the validation loss uses fixed noise
-    steps_per_epoch = -(-len(train_idx) // args.decoder_batch_size)
+    steps_per_epoch = math.ceil(len(train_idx) / args.decoder_batch_size)
     total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
     validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
-    best_val, best_state, losses = float("inf"), None, []
+    best_val = float("inf")
+    best_state = None
+    losses = []
     for step in range(total_steps):
         if args.decoder_steps:  # with replacement
             idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
@@ -521,27 +563,54 @@ def fit_decoder(data, args, device):
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        if (step + 1) % validate_every and step + 1 < total_steps:
+        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps
+        if not validate:
             continue
         with torch.no_grad():
             starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
             chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
             val_loss = float(torch.cat(chunks).mean())
-        train_loss, losses = float(torch.stack(losses).mean()), []
+        train_loss = float(torch.stack(losses).mean())
+        losses = []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
             print(f"error: non-finite decoder loss at refit step {step + 1} of {total_steps}; stopping", file=sys.stderr)
             sys.exit(1)
         if val_loss < best_val:
-            best_val, best_state = val_loss, copy.deepcopy(decoder.state_dict())
+            best_val = val_loss
+            best_state = copy.deepcopy(decoder.state_dict())
     decoder.load_state_dict(best_state)
     return decoder, train_loss, best_val
 
 
+def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
+    """Phase 2 of Algorithm 1 (Eq. 4): the stage's encoder (`sample_z`: raw obs -> sampled z) runs `--refine-episodes`
+    episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
+    These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
+    seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
+    data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
+                                                   args.refine_episodes, seed, device)
+    loop["refine_steps"] += steps
+    decoder, train_loss, val_loss = fit_decoder(data, args, device)
+    log_scalars(writer, {"gorl/refine_return": returns.mean(), "gorl/refine_steps": loop["refine_steps"],
+                         "decoder/train_loss": train_loss, "decoder/val_loss": val_loss}, loop["global_step"])
+    print(f"stage {loop['stage']} refit: {len(data[0])} steps of {len(returns)} episodes (return {returns.mean():.1f}), "
+          f"decoder loss train {train_loss:.4f} val {val_loss:.4f}")
+    return decoder
+
+
+def eval_after_refit(policy, args, backend, device, writer, loop):
+    """The new decoder with the restarted encoder, before any update: what the refit alone keeps of the stage's return."""
+    refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
+    writer.add_scalar("gorl/eval_after_refit", refit_return, loop["global_step"])
+    print(f"stage {loop['stage']} starts: eval before the refit {loop['eval_return']:.1f}, after {refit_return:.1f}")
+
+
 def main(args):
-    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
+    checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     N = args.num_envs
     stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) // N * N for w in args.stage_weights]
-    num_steps, stage_ends = sum(stage_steps) // N, list(np.cumsum(stage_steps) // N)
+    stage_ends = list(np.cumsum(stage_steps) // N)  # the last step of each stage
+    num_steps = sum(stage_steps) // N
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
@@ -550,23 +619,24 @@ def main(args):
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
-    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_dim = next_obs.shape[1]
+    action_dim = envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
     sac = make_sac(obs_dim, action_dim, args, device)
     compiled = args.compile == "on" or args.compile == "auto" and device.type == "cuda"
     update = compile_update(sac_update, device) if compiled else sac_update
     # Stage 0 decodes with the identity (a fresh decoder); no RL gradient ever reaches a decoder.
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device).requires_grad_(False)
-    decoders, stage, stage_start, refine_steps = [copy.deepcopy(decoder.state_dict())], 0, 0, 0
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        policy, seed = eval_policy(sac.actor, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
+        policy = eval_policy(sac.actor, obs_rms, decoder)
+        seed = args.seed + EVAL_SEED_OFFSET
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
-    buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
+    buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
 
     def run_modules():
@@ -575,98 +645,87 @@ def main(args):
                 "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
                 "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
 
-    step, global_step, updates, train_time, eval_return, train_return = 0, 0, 0, 0.0, float("nan"), float("nan")
-    next_eval, next_checkpoint, q_stats, pi_stats = args.eval_every, checkpoint_every, [], []
+    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_return": float("nan"),
+            "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
+            "obs_dim": obs_dim, "action_dim": action_dim, "stage": 0, "stage_start": 0, "refine_steps": 0}
     if checkpoint is None:
-        eval_return = eval_and_log(0)
+        loop["eval_return"] = eval_and_log(0)
     else:
         loop = restore(checkpoint, run_modules())
-        step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (loop[k] for k in (
-            "step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
-        stage, stage_start, refine_steps, decoders = (loop[k] for k in ("stage", "stage_start", "refine_steps", "decoders"))
+    global_step = loop["global_step"]
+    q_stats = []
+    pi_stats = []
     step_start = time.time()
-    for step in range(step + 1, num_steps + 1):
-        obs, obs_host = torch.as_tensor(next_obs, device=device), next_obs
-        if global_step - stage_start < args.learning_starts:  # every stage starts with an empty buffer
+    for step in range(loop["step"] + 1, num_steps + 1):
+        obs_host = next_obs
+        obs = torch.as_tensor(obs_host, device=device)
+        if global_step - loop["stage_start"] < args.learning_starts:  # every stage starts with an empty buffer
             action = torch.randn((N, action_dim), device=device)  # random latents: the prior N(0, I)
         else:
             with torch.no_grad():
-                action = sac.actor.get_action(obs_rms(obs))[0]
+                action = sac.actor.get_action(obs_rms(obs)).action
         with torch.no_grad():  # Phase 1: SAC's action is the latent z; the frozen decoder is part of the environment
             env_action = torch.tanh(decoder(obs, action))
         action, env_action = torch.stack([action, env_action]).cpu().numpy()  # the step's one copy to the host
         next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action)
         global_step += N
-        train_return = log_episodes(writer, ended, global_step, train_return)
+        loop["train_return"] = log_episodes(writer, ended, global_step, loop["train_return"])
 
         if valid.any():  # EnvPool's reset steps are not stored
             rows = rb.add(obs_host[valid], action[valid], reward[valid], envs.final_obs[valid], terminated[valid])
             obs_rms.update(rows[:, :obs_dim])
 
-        if global_step - stage_start >= args.learning_starts:
+        if global_step - loop["stage_start"] >= args.learning_starts:
             # utd_ratio * N updates on average (a fractional ratio rounds per step)
             num_updates = int(global_step * args.utd_ratio) - int((global_step - N) * args.utd_ratio)
             for _ in range(num_updates):
                 b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
                 batch = (obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones)
                 q_stats.append(update(sac, *batch, args, False))
-                if updates % args.policy_frequency == 0:  # the delayed actor steps
+                if loop["updates"] % args.policy_frequency == 0:  # the delayed actor steps
                     pi_stats += [update(sac, *batch, args, True) for _ in range(args.policy_frequency)]
-                updates += 1
+                loop["updates"] += 1
 
+        loop.update(step=step, global_step=global_step)
         log_point = crossed(global_step, N, 1000) or step in stage_ends  # log every 1000 env steps
         if log_point:
-            train_time += time.time() - step_start
+            loop["train_time"] += time.time() - step_start
+            sps = int(global_step / loop["train_time"])
             for stats in (q_stats, pi_stats):
                 if stats:
                     where = f"in the {len(q_stats)} updates before global_step {global_step}"
                     log_scalars(writer, finite_means(stats, lambda i: where), global_step)
-            q_stats, pi_stats = [], []
-            writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
-            writer.add_scalar("gorl/stage", stage, global_step)
-            if global_step >= next_eval or step in stage_ends:  # GoRL also evaluates at every stage end
-                eval_return = eval_and_log(global_step)
-                next_eval = (global_step // args.eval_every + 1) * args.eval_every
-                eta = (num_steps - step) * train_time / step
-                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} "
-                      f"train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            q_stats = []
+            pi_stats = []
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("gorl/stage", loop["stage"], global_step)
+            if global_step >= loop["next_eval"] or step in stage_ends:  # GoRL also evaluates at every stage end
+                loop["eval_return"] = eval_and_log(global_step)
+                loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
+                eta = (num_steps - step) * loop["train_time"] / step
+                print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
+                      f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
             step_start = time.time()
         if step in stage_ends[:-1]:
             # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
             # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
-            refine_start = time.time()
-            sample_z, seed = (lambda x: sac.actor.get_action(obs_rms(x))[0]), args.seed + REFINE_SEED_OFFSET + stage
-            data, refine_returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend,
-                                                                  args.refine_num_envs, args.refine_episodes, seed, device)
-            refine_steps += steps
-            decoder, decoder_train_loss, decoder_val_loss = fit_decoder(data, args, device)
+            decoder = refine_decoder(lambda x: sac.actor.get_action(obs_rms(x)).action, decoder, args, backend, device,
+                                     writer, loop)
             decoder.requires_grad_(False)
-            decoders.append(copy.deepcopy(decoder.state_dict()))
-            log_scalars(writer, {"gorl/refine_return": refine_returns.mean(), "gorl/refine_steps": refine_steps,
-                                 "decoder/train_loss": decoder_train_loss, "decoder/val_loss": decoder_val_loss}, global_step)
             # Stage-wise re-initialization: actor, critics and buffer restart, since a z stored under the old
             # decoder now means a different action.
-            stage, stage_start = stage + 1, global_step
-            sac, rb = make_sac(obs_dim, action_dim, args, device), ReplayBuffer(buffer_size, obs_dim, action_dim, device)
+            loop["stage"] += 1
+            loop["stage_start"] = global_step
+            sac = make_sac(obs_dim, action_dim, args, device)
+            rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
             actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
-            # The new decoder with the restarted actor, before any SAC update: what the refit alone gives.
-            policy, seed = eval_policy(sac.actor, obs_rms, decoder), args.seed + EVAL_SEED_OFFSET
-            refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device)[0]
-            writer.add_scalar("gorl/eval_after_refit", refit_return, global_step)
-            print(f"stage {stage}: refit on {len(data[0])} steps of {len(refine_returns)} episodes "
-                  f"(return {refine_returns.mean():.1f}), decoder loss train {decoder_train_loss:.4f} "
-                  f"val {decoder_val_loss:.4f}, eval before {eval_return:.1f} after {refit_return:.1f} "
-                  f"({time.time() - refine_start:.0f}s)")
+            eval_after_refit(eval_policy(sac.actor, obs_rms, decoder), args, backend, device, writer, loop)
             step_start = time.time()  # the refit is not training time
-        if log_point and (global_step >= next_checkpoint or step in stage_ends):
-            next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
-            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time,
-                    "eval_return": eval_return, "train_return": train_return, "next_eval": next_eval,
-                    "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(), "obs_dim": obs_dim,
-                    "action_dim": action_dim, "stage": stage, "stage_start": stage_start, "refine_steps": refine_steps,
-                    "decoders": decoders}
+        if log_point and (global_step >= loop["next_checkpoint"] or step in stage_ends):
+            loop["next_checkpoint"] = (global_step // checkpoint_every + 1) * checkpoint_every
+            loop["log_alpha"] = sac.log_alpha.detach().clone()
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
@@ -694,19 +753,40 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values) or getattr(args, name) == ():
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def parse_args():
+    """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    argv = sys.argv[1:]
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
+    for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
+        early.add_argument(flag)
+    known = early.parse_known_args(argv)[0]
+    named = presets(known.env_id or Args.env_id)
+    preset = argv.pop(0) if argv and argv[0] in named else "paper"
+    if argv and not argv[0].startswith("-"):
+        fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
+    saved_path = known.resume or known.eval_checkpoint
+    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    defaults = Args(**saved) if saved else named[preset]
+    changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
+    source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
+    description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
+    if saved:  # a saved run continues or is evaluated as it was; only these may change
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        for name, value in vars(args).items():
+            if value != saved[name] and name not in may_differ.split():
+                fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+    return args
 
 
 def setup(args, load_policy):
     """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
     checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
-    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
-        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
-        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
-            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
-        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
     os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -732,15 +812,14 @@ def setup(args, load_policy):
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs wandb: pip install wandb")
-    if args.track:
-        wandb = importlib.import_module("wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+    if args.track:  # Weights and Biases reads the tensorboard logs
+        importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                              sync_tensorboard=True, config=vars(args), save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return args, checkpoint, backend, device, writer, run_name
+    return checkpoint, backend, device, writer, run_name
 
 
 def dmc_task_ids():
@@ -771,13 +850,13 @@ def resolve_backend(env_id, backend):
 
 
 def check_memory(args, backend, spare_envs):
-    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
-    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    """Refuses a run whose envs (each what 8 add to this process) cannot fit in memory (tests: GORL_MEMORY_LIMIT_BYTES)."""
     available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
     if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
         return
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
-    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    before = psutil.Process().memory_info().rss
+    probe = VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
@@ -790,16 +869,19 @@ def check_memory(args, backend, spare_envs):
 
 
 class VecEnv:
-    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
-    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
-    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds.
+    `step` also returns `valid` (False on EnvPool's reset step after an episode end) and the ended episodes' stats."""
 
     def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        dmc = dmc_task_ids()
+        self.backend = backend
+        self.num_envs = num_envs
+        self.seed = seed
         if backend == "envpool":
             pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
             self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
-            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            space = self.envs.action_space
+            self.max_episode_steps = self.envs.spec.config.max_episode_steps
             if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
                 from dm_control import suite
                 self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
@@ -811,13 +893,17 @@ class VecEnv:
             self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                      [gym.wrappers.FlattenObservation], max_episode_steps=limit,
                                      render_mode="rgb_array" if render else None)
-            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+            space = self.envs.single_action_space
+            self.max_episode_steps = self.envs.envs[0].spec.max_episode_steps
         if not isinstance(space, gym.spaces.Box):
             fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
         bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
         self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
-        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
-        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+        self.action_dim = self.low.size
+        self.identity = bool(np.all(self.low == -1) and np.all(self.high == 1))  # every DMC task: no mapping
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.close = self.envs.close
 
     def flatten(self, obs):
         if isinstance(obs, dict):  # EnvPool's DMC tasks
@@ -825,7 +911,8 @@ class VecEnv:
         return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
 
     def reset(self):
-        self.returns[:], self.lengths[:] = 0, 0
+        self.returns[:] = 0
+        self.lengths[:] = 0
         return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
 
     def step(self, action):
@@ -836,11 +923,15 @@ class VecEnv:
         # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
         # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        reward = np.asarray(reward, np.float32) * valid
+        terminated = np.asarray(terminated)
+        truncated = np.asarray(truncated)
         done = terminated | truncated
-        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        self.returns = self.returns + reward
+        self.lengths = self.lengths + valid
         ended = self.returns[done], self.lengths[done]
-        self.returns[done], self.lengths[done] = 0, 0
+        self.returns[done] = 0
+        self.lengths[done] = 0
         obs = self.final_obs = self.flatten(obs)
         if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
             self.final_obs = obs.copy()
@@ -850,15 +941,17 @@ class VecEnv:
 
 @torch.no_grad()
 def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
-    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
-    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    """(mean, std) of one episode's return on each of `num_envs` fresh envs seeded alike every time (video: env 0's)."""
     envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
-    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    obs = envs.reset()
+    returns = np.zeros(num_envs)
+    done = np.zeros(num_envs, dtype=bool)
     for _ in range(envs.max_episode_steps):
         if frames is not None:
             frames.append(envs.envs.render()[0])
         obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-        returns, done = returns + reward * ~done, done | terminated | truncated
+        returns = returns + reward * ~done
+        done = done | terminated | truncated
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
@@ -891,7 +984,7 @@ def load_checkpoint(path):
 
 
 def restore(checkpoint, modules):
-    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    """Loads a checkpoint into `modules` and the RNGs; returns its counters. Envs start new episodes."""
     for name, module in modules.items():
         module.load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -912,9 +1005,10 @@ def log_scalars(writer, scalars, global_step):
 
 def log_episodes(writer, ended, step, train_return):
     """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
-    if len(ended[0]):
-        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
-    return float(ended[0].mean()) if len(ended[0]) else train_return
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean())
 
 
 def finite_means(stats, where):
@@ -929,4 +1023,4 @@ def finite_means(stats, where):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

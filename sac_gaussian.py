@@ -7,6 +7,7 @@ below it, the same plumbing in every script.
     python sac_gaussian.py --env-id Hopper-v5    # the paper's setting; the README has CPU-sized commands
 """
 import copy
+import argparse
 import difflib
 import importlib.util
 import logging
@@ -15,8 +16,8 @@ import shutil
 import sys
 import time
 import types
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, Optional
 
 # Idle OpenMP threads sleep after a short spin instead of the default long one, which makes two training processes on
 # the same cores slow each other down about 10x (docs/performance.md). Set before PyTorch loads OpenMP.
@@ -116,6 +117,16 @@ class Args:
                  f"({self.learning_starts}) and be at least --num-envs ({self.num_envs})")
 
 
+def presets(env_id):
+    """The named settings: `python sac_gaussian.py [paper|cpu] --env-id HalfCheetah-v5` (any flag overrides them).
+    paper: Args' defaults, the paper's SAC (App. F.2): 4M steps, 20 updates per env step.
+    cpu: a budget two CPU cores run in under an hour: 400k steps on 8 envs with a quarter update per env step, 5,000
+      random steps first, 40 evaluations of 10 episodes."""
+    paper = Args(env_id=env_id)
+    cpu = replace(paper, total_timesteps=400_000, num_envs=8, utd_ratio=0.25, eval_every=10_000)
+    return {"paper": paper, "cpu": cpu}
+
+
 # ---- the algorithm: the networks, the observation normalizer and the losses ----
 def layer_init(layer):
     """LeCun-uniform weights and zero biases, as the Flax networks of the paper's code."""
@@ -151,7 +162,9 @@ class RunningMeanStd(nn.Module):
         """`accumulate=False` is upstream FPO's `RunningStats.update` (418c255; the release's `legacy_batch_only`): the
         sum of squares keeps only this batch's while the count accumulates, so the std shrinks like 1/sqrt(batches)."""
         x = x.reshape(-1, self.mean.shape[-1]).double()
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        n = x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = (self.var * self.count if accumulate else 0.0) + batch_var * n + delta**2 * self.count * n / total
@@ -191,7 +204,16 @@ class SoftQNetwork(nn.Module):
         return h.squeeze(-1)
 
 
-LOG_STD_MAX, LOG_STD_MIN = 2, -5
+LOG_STD_MAX = 2
+LOG_STD_MIN = -5
+
+
+class Sample(NamedTuple):
+    """What `get_action` returns: the reparameterized u, the log-probability of tanh(u), and the Gaussian's mean."""
+
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
 
 
 class Actor(nn.Module):
@@ -207,22 +229,23 @@ class Actor(nn.Module):
         return Normal(mean, log_std.exp(), validate_args=False)  # no per-step checks (and syncs)
 
     def get_action(self, x):
-        """Returns (u reparameterized, log-prob of tanh(u), deterministic u = mean). The entropy SAC regularizes is
+        """A Sample: u reparameterized, the log-prob of tanh(u), deterministic u = mean. The entropy SAC regularizes is
         that of tanh(u), so saturating is penalized (in GoRL too, where u is the latent z fed to the decoder)."""
         dist = self.get_dist(x)
         u = dist.rsample()
         log_prob = (dist.log_prob(u) - torch.log(1 - torch.tanh(u).pow(2) + 1e-6)).sum(-1)  # change of variables through tanh
-        return u, log_prob, dist.mean
+        return Sample(action=u, log_prob=log_prob, mean=dist.mean)
 
 
 def eval_policy(actor, obs_rms):
     """The deterministic policy that evaluation runs: raw observation -> tanh of the Gaussian's mean."""
-    return lambda x: torch.tanh(actor.get_action(obs_rms(x))[2])
+    return lambda x: torch.tanh(actor.get_action(obs_rms(x)).mean)
 
 
 def load_policy(checkpoint, device):
     """The evaluation policy of a saved model (--eval-checkpoint)."""
-    obs_dim, action_dim = checkpoint["loop"]["obs_dim"], checkpoint["loop"]["action_dim"]
+    obs_dim = checkpoint["loop"]["obs_dim"]
+    action_dim = checkpoint["loop"]["action_dim"]
     obs_rms = RunningMeanStd(obs_dim).to(device)
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     actor = Actor(obs_dim, action_dim).to(device)
@@ -232,7 +255,8 @@ def load_policy(checkpoint, device):
 
 def make_sac(obs_dim, action_dim, args, device):
     """A fresh actor, the two critics and their targets, their optimizers and the entropy coefficient."""
-    actor, qf = Actor(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+    actor = Actor(obs_dim, action_dim).to(device)
+    qf = SoftQNetwork(obs_dim, action_dim).to(device)
     log_alpha = torch.tensor(0.0 if args.autotune else float(np.log(max(args.alpha, 1e-30))), device=device,
                              requires_grad=args.autotune)
     # Fused Adam: one kernel per step where the device has it (CPU and CUDA), else one foreach kernel per operation
@@ -252,7 +276,8 @@ class ReplayBuffer:
     def __init__(self, size, obs_dim, action_dim, device):
         self.data = torch.zeros((size, 2 * obs_dim + action_dim + 2), device=device)
         self.fields = [obs_dim, action_dim, 1, obs_dim, 1]
-        self.pos, self.size = 0, 0
+        self.pos = 0
+        self.size = 0
 
     def add(self, obs, actions, rewards, next_obs, dones):
         """Adds transitions given as numpy arrays, in one upload; returns their rows. `next_obs` must be the observation
@@ -261,7 +286,8 @@ class ReplayBuffer:
         rows = np.concatenate([obs, actions, rewards[:, None], next_obs, dones[:, None]], 1, dtype=np.float32)
         rows = torch.as_tensor(rows, device=self.data.device)
         self.data[(self.pos + torch.arange(len(rows), device=rows.device)) % len(self.data)] = rows
-        self.pos, self.size = (self.pos + len(rows)) % len(self.data), min(self.size + len(rows), len(self.data))
+        self.pos = (self.pos + len(rows)) % len(self.data)
+        self.size = min(self.size + len(rows), len(self.data))
         return rows
 
     def sample(self, batch_size):
@@ -274,7 +300,9 @@ class ReplayBuffer:
         return {"pos": self.pos, "size": self.size, "data": self.data[: self.size].clone()}
 
     def load_state_dict(self, state):
-        self.data[: state["size"]], self.pos, self.size = state["data"], state["pos"], state["size"]
+        self.data[: state["size"]] = state["data"]
+        self.pos = state["pos"]
+        self.size = state["size"]
 
 
 def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
@@ -283,8 +311,9 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
     TD3 and CleanRL). No loop and no host sync inside, so --compile compiles each kind of step whole. Returns its losses."""
     if not actor:
         with torch.no_grad():
-            next_actions, next_log_pi, _ = sac.actor.get_action(next_obs)
-            min_qf_next = sac.qf_target(next_obs, next_actions).min(0).values - sac.log_alpha.exp() * next_log_pi
+            next_sample = sac.actor.get_action(next_obs)
+            min_qf_next = (sac.qf_target(next_obs, next_sample.action).min(0).values
+                           - sac.log_alpha.exp() * next_sample.log_prob)
             next_q_value = rewards + (1 - dones) * args.gamma * min_qf_next  # done = terminated: a time limit bootstraps
         qf_a_values = sac.qf(obs, actions)  # [2, batch]
         qf_loss = ((qf_a_values - next_q_value) ** 2).mean(1)  # each critic's MSE
@@ -296,20 +325,20 @@ def sac_update(sac, obs, actions, rewards, next_obs, dones, args, actor):
         stats = {"losses/qf1_values": qf_a_values[0].mean(), "losses/qf2_values": qf_a_values[1].mean(),
                  "losses/qf1_loss": qf_loss[0], "losses/qf2_loss": qf_loss[1], "losses/qf_loss": qf_loss.mean()}
         return {name: value.detach() for name, value in stats.items()}
-    pi, log_pi, _ = sac.actor.get_action(obs)
+    sample = sac.actor.get_action(obs)
     alpha = sac.log_alpha.exp().detach()
-    actor_loss = (alpha * log_pi - sac.qf(obs, pi).min(0).values).mean()
+    actor_loss = (alpha * sample.log_prob - sac.qf(obs, sample.action).min(0).values).mean()
     sac.actor_optimizer.zero_grad()
     actor_loss.backward()
     sac.actor_optimizer.step()
-    # alpha rises when the policy's entropy -log_pi is below the target, and falls when above it
-    alpha_loss = (-sac.log_alpha.exp() * (log_pi.detach() + sac.target_entropy)).mean()
+    # alpha rises when the policy's entropy -log_prob is below the target, and falls when above it
+    alpha_loss = (-sac.log_alpha.exp() * (sample.log_prob.detach() + sac.target_entropy)).mean()
     if args.autotune:
         sac.a_optimizer.zero_grad()
         alpha_loss.backward()
         sac.a_optimizer.step()
     stats = {"losses/actor_loss": actor_loss, "losses/alpha": alpha, "losses/alpha_loss": alpha_loss,
-             "losses/entropy": -log_pi.mean()}
+             "losses/entropy": -sample.log_prob.mean()}
     return {name: value.detach() for name, value in stats.items()}
 
 
@@ -322,10 +351,12 @@ def compile_update(update, device):
     except Exception as e:  # no C++ compiler, an unsupported platform: compilation errors have no common type
         print(f"note: --compile: torch.compile does not work here ({type(e).__name__}); the update runs eagerly")
         return update
-    compiled, calls = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None), []
+    compiled = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None)
+    calls = []
 
     def timed(*args):  # its first two calls, a critic step and an actor step, compile
-        start, out = time.time(), compiled(*args)
+        start = time.time()
+        out = compiled(*args)
         if len(calls) < 2:
             calls.append(time.time() - start)
             if len(calls) == 2:
@@ -336,8 +367,9 @@ def compile_update(update, device):
 
 
 def main(args):
-    args, checkpoint, backend, device, writer, run_name = setup(args, load_policy)
-    num_steps = args.total_timesteps // args.num_envs
+    checkpoint, backend, device, writer, run_name = setup(args, load_policy)
+    N = args.num_envs
+    num_steps = args.total_timesteps // N
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
@@ -346,7 +378,8 @@ def main(args):
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
     next_obs = envs.reset()
-    obs_dim, action_dim = next_obs.shape[1], envs.action_dim
+    obs_dim = next_obs.shape[1]
+    action_dim = envs.action_dim
     obs_rms = RunningMeanStd(obs_dim).to(device)
     sac = make_sac(obs_dim, action_dim, args, device)
     compiled = args.compile == "on" or args.compile == "auto" and device.type == "cuda"
@@ -354,12 +387,13 @@ def main(args):
 
     def eval_and_log(global_step):
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        policy, seed = eval_policy(sac.actor, obs_rms), args.seed + EVAL_SEED_OFFSET
+        policy = eval_policy(sac.actor, obs_rms)
+        seed = args.seed + EVAL_SEED_OFFSET
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
         return mean
 
-    buffer_size, N = min(args.buffer_size, args.total_timesteps), args.num_envs
+    buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
 
     def run_modules():
@@ -368,30 +402,33 @@ def main(args):
                 "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
                 "obs_rms": obs_rms, "rb": rb}
 
-    step, global_step, updates, train_time, eval_return, train_return = 0, 0, 0, 0.0, float("nan"), float("nan")
-    next_eval, next_checkpoint, q_stats, pi_stats = args.eval_every, checkpoint_every, [], []
+    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_return": float("nan"),
+            "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
+            "obs_dim": obs_dim, "action_dim": action_dim}
     if checkpoint is None:
-        eval_return = eval_and_log(0)
+        loop["eval_return"] = eval_and_log(0)
     else:
         loop = restore(checkpoint, run_modules())
-        step, global_step, updates, train_time, eval_return, train_return, next_eval, next_checkpoint = (loop[k] for k in (
-            "step", "global_step", "updates", "train_time", "eval_return", "train_return", "next_eval", "next_checkpoint"))
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
+    global_step = loop["global_step"]
+    q_stats = []
+    pi_stats = []
     step_start = time.time()
-    for step in range(step + 1, num_steps + 1):
-        obs, obs_host = torch.as_tensor(next_obs, device=device), next_obs
+    for step in range(loop["step"] + 1, num_steps + 1):
+        obs_host = next_obs
+        obs = torch.as_tensor(obs_host, device=device)
         if global_step < args.learning_starts:
             # uniform actions in [-1, 1] as CleanRL's, stored as their pre-tanh u
             action = (torch.rand((N, action_dim), device=device) * 2 - 1).clamp(-0.999999, 0.999999).atanh()
         else:
             with torch.no_grad():
-                action = sac.actor.get_action(obs_rms(obs))[0]
+                action = sac.actor.get_action(obs_rms(obs)).action
         env_action = torch.tanh(action)
         action, env_action = torch.stack([action, env_action]).cpu().numpy()  # the step's one copy to the host
         next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action)
         global_step += N
-        train_return = log_episodes(writer, ended, global_step, train_return)
+        loop["train_return"] = log_episodes(writer, ended, global_step, loop["train_return"])
 
         if valid.any():  # EnvPool's reset steps are not stored
             rows = rb.add(obs_host[valid], action[valid], reward[valid], envs.final_obs[valid], terminated[valid])
@@ -404,32 +441,32 @@ def main(args):
                 b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size)
                 batch = (obs_rms(b_obs), b_actions, b_rewards, obs_rms(b_next_obs), b_dones)
                 q_stats.append(update(sac, *batch, args, False))
-                if updates % args.policy_frequency == 0:  # the delayed actor steps
+                if loop["updates"] % args.policy_frequency == 0:  # the delayed actor steps
                     pi_stats += [update(sac, *batch, args, True) for _ in range(args.policy_frequency)]
-                updates += 1
+                loop["updates"] += 1
 
+        loop.update(step=step, global_step=global_step)
         log_point = crossed(global_step, N, 1000) or step == num_steps  # log every 1000 env steps
         if log_point:
-            train_time += time.time() - step_start
+            loop["train_time"] += time.time() - step_start
+            sps = int(global_step / loop["train_time"])
             for stats in (q_stats, pi_stats):
                 if stats:
                     where = f"in the {len(q_stats)} updates before global_step {global_step}"
                     log_scalars(writer, finite_means(stats, lambda i: where), global_step)
-            q_stats, pi_stats = [], []
-            writer.add_scalar("charts/SPS", int(global_step / train_time), global_step)
-            if global_step >= next_eval or step == num_steps:
-                eval_return = eval_and_log(global_step)
-                next_eval = (global_step // args.eval_every + 1) * args.eval_every
-                eta = (num_steps - step) * train_time / step
-                print(f"global_step={global_step} SPS={int(global_step / train_time)} updates={updates} "
-                      f"train_return={train_return:.1f} eval_return={eval_return:.1f} ETA={eta / 60:.1f}min")
+            q_stats = []
+            pi_stats = []
+            writer.add_scalar("charts/SPS", sps, global_step)
+            if global_step >= loop["next_eval"] or step == num_steps:
+                loop["eval_return"] = eval_and_log(global_step)
+                loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
+                eta = (num_steps - step) * loop["train_time"] / step
+                print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
+                      f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
             step_start = time.time()
-        if log_point and (global_step >= next_checkpoint or step == num_steps):
-            next_checkpoint = (global_step // checkpoint_every + 1) * checkpoint_every
-            loop = {"step": step, "global_step": global_step, "updates": updates, "train_time": train_time,
-                    "eval_return": eval_return, "train_return": train_return, "next_eval": next_eval,
-                    "next_checkpoint": next_checkpoint, "log_alpha": sac.log_alpha.detach().clone(), "obs_dim": obs_dim,
-                    "action_dim": action_dim}
+        if log_point and (global_step >= loop["next_checkpoint"] or step == num_steps):
+            loop["next_checkpoint"] = (global_step // checkpoint_every + 1) * checkpoint_every
+            loop["log_alpha"] = sac.log_alpha.detach().clone()
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
@@ -457,19 +494,40 @@ def check_args(args, positive="", non_negative="", unit=""):
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")]:
         for name in names.split():
             values = [v for v in np.atleast_1d(getattr(args, name)) if v is not None]  # a flag may hold several values
-            if not all(ok(v) for v in values) or getattr(args, name) == ():
-                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values)) or 'nothing'}")
+            if not all(ok(v) for v in values):
+                fail(f"--{name.replace('_', '-')} must be {what}, got {' '.join(map(str, values))}")
+
+
+def parse_args():
+    """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    argv = sys.argv[1:]
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
+    for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
+        early.add_argument(flag)
+    known = early.parse_known_args(argv)[0]
+    named = presets(known.env_id or Args.env_id)
+    preset = argv.pop(0) if argv and argv[0] in named else "paper"
+    if argv and not argv[0].startswith("-"):
+        fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
+    saved_path = known.resume or known.eval_checkpoint
+    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    defaults = Args(**saved) if saved else named[preset]
+    changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
+    source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
+    description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
+    args = tyro.cli(Args, default=defaults, args=argv, description=description)
+    if saved:  # a saved run continues or is evaluated as it was; only these may change
+        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        for name, value in vars(args).items():
+            if value != saved[name] and name not in may_differ.split():
+                fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+    return args
 
 
 def setup(args, load_policy):
     """--resume, --eval-checkpoint (evaluates, exits), backend, memory, device, seed, writer: all before training."""
     checkpoint = load_checkpoint(args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
-    if checkpoint is not None:  # the saved run's settings, but for the flags `may_differ` given anew
-        may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        given = {name: value for name, value in vars(args).items() if value != getattr(Args(), name)}
-        for name in set(given) - set(may_differ.split()) - {k for k, v in given.items() if v == checkpoint["args"][k]}:
-            fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {checkpoint['args'][name]}")
-        args = Args(**{**checkpoint["args"], **{name: value for name, value in given.items() if name in may_differ.split()}})
     os.environ.setdefault("MUJOCO_GL", "egl" if args.capture_video else "disable")  # before dm_control loads OpenGL
     logging.getLogger("absl").setLevel(logging.ERROR)  # dm_control's model-compiler deprecation warnings
     torch.set_flush_denormal(True)  # on the CPU, denormal floats in Adam's state slow every update down over time
@@ -495,15 +553,14 @@ def setup(args, load_policy):
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs wandb: pip install wandb")
-    if args.track:
-        wandb = importlib.import_module("wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+    if args.track:  # Weights and Biases reads the tensorboard logs
+        importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                              sync_tensorboard=True, config=vars(args), save_code=True)
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return args, checkpoint, backend, device, writer, run_name
+    return checkpoint, backend, device, writer, run_name
 
 
 def dmc_task_ids():
@@ -534,13 +591,13 @@ def resolve_backend(env_id, backend):
 
 
 def check_memory(args, backend, spare_envs):
-    """Refuses a run whose training and `spare_envs` envs cannot fit in the available memory (GORL_MEMORY_LIMIT_BYTES
-    fakes it in tests), each costing what 8 envs add to this process (MuJoCo: HopperStand 12.5 MB, DogRun 106 MB)."""
+    """Refuses a run whose envs (each what 8 add to this process) cannot fit in memory (tests: GORL_MEMORY_LIMIT_BYTES)."""
     available = int(os.environ.get("GORL_MEMORY_LIMIT_BYTES", 0)) or psutil.virtual_memory().available
     if (args.num_envs + spare_envs) * 2**28 <= 0.9 * available:  # 256 MiB an env fits: not measured
         return
     VecEnv(args.env_id, backend, 1, args.seed).close()  # one-time costs first: imports, EnvPool's thread pool, assets
-    before, probe = psutil.Process().memory_info().rss, VecEnv(args.env_id, backend, 8, args.seed)
+    before = psutil.Process().memory_info().rss
+    probe = VecEnv(args.env_id, backend, 8, args.seed)
     probe.reset()
     per_env = max(psutil.Process().memory_info().rss - before, 1) / 8
     probe.close()
@@ -553,16 +610,19 @@ def check_memory(args, backend, spare_envs):
 
 
 class VecEnv:
-    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds,
-    episodes within `max_episode_steps` (DMC: 1000). `step` also returns `valid` (False on EnvPool's reset step, the one
-    after an episode end: its action is ignored, its reward no episode's) and the ended episodes' (returns, lengths)."""
+    """`num_envs` copies of a task on either backend: flat float32 observations, actions in [-1, 1] mapped to the bounds.
+    `step` also returns `valid` (False on EnvPool's reset step after an episode end) and the ended episodes' stats."""
 
     def __init__(self, env_id, backend, num_envs, seed, render=False):
-        dmc, self.backend, self.num_envs, self.seed = dmc_task_ids(), backend, num_envs, seed
+        dmc = dmc_task_ids()
+        self.backend = backend
+        self.num_envs = num_envs
+        self.seed = seed
         if backend == "envpool":
             pool_id = {i.lower(): i for i in envpool.list_all_envs()}[(f"{env_id}-v1" if env_id in dmc else env_id).lower()]
             self.envs = envpool.make(pool_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
-            space, self.max_episode_steps = self.envs.action_space, self.envs.spec.config.max_episode_steps
+            space = self.envs.action_space
+            self.max_episode_steps = self.envs.spec.config.max_episode_steps
             if env_id in dmc:  # EnvPool pads some tasks with a sibling task's all-zero entries: keep dm_control's own
                 from dm_control import suite
                 self.keys = sorted(suite.load(*dmc[env_id]).observation_spec())
@@ -574,13 +634,17 @@ class VecEnv:
             self.envs = gym.make_vec(name, num_envs, "sync", {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                      [gym.wrappers.FlattenObservation], max_episode_steps=limit,
                                      render_mode="rgb_array" if render else None)
-            space, self.max_episode_steps = self.envs.single_action_space, self.envs.envs[0].spec.max_episode_steps
+            space = self.envs.single_action_space
+            self.max_episode_steps = self.envs.envs[0].spec.max_episode_steps
         if not isinstance(space, gym.spaces.Box):
             fail(f"--env-id {env_id!r} has {type(space).__name__} actions; these scripts need continuous (Box) actions")
         bounded = (np.abs(space.low) < 1e6) & (np.abs(space.high) < 1e6)  # LQR's unbounded actuators (+-1e10): as they are
         self.low, self.high = (np.where(bounded, b.astype(np.float64), s) for b, s in [(space.low, -1.0), (space.high, 1.0)])
-        self.action_dim, self.identity = self.low.size, bool(np.all(self.low == -1) and np.all(self.high == 1))  # all DMC
-        self.returns, self.lengths, self.close = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64), self.envs.close
+        self.action_dim = self.low.size
+        self.identity = bool(np.all(self.low == -1) and np.all(self.high == 1))  # every DMC task: no mapping
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.close = self.envs.close
 
     def flatten(self, obs):
         if isinstance(obs, dict):  # EnvPool's DMC tasks
@@ -588,7 +652,8 @@ class VecEnv:
         return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
 
     def reset(self):
-        self.returns[:], self.lengths[:] = 0, 0
+        self.returns[:] = 0
+        self.lengths[:] = 0
         return self.flatten(self.envs.reset()[0] if self.backend == "envpool" else self.envs.reset(seed=self.seed)[0])
 
     def step(self, action):
@@ -599,11 +664,15 @@ class VecEnv:
         # EnvPool reports a termination on the time-limit step as a truncation only; Gymnasium's TimeLimit reports both
         # (the loops keep such a step a termination). DMC tasks never terminate: both backends truncate them.
         valid = info["elapsed_step"] > 0 if self.backend == "envpool" else np.ones(self.num_envs, dtype=bool)
-        reward, terminated, truncated = np.asarray(reward, np.float32) * valid, np.asarray(terminated), np.asarray(truncated)
+        reward = np.asarray(reward, np.float32) * valid
+        terminated = np.asarray(terminated)
+        truncated = np.asarray(truncated)
         done = terminated | truncated
-        self.returns, self.lengths = self.returns + reward, self.lengths + valid
+        self.returns = self.returns + reward
+        self.lengths = self.lengths + valid
         ended = self.returns[done], self.lengths[done]
-        self.returns[done], self.lengths[done] = 0, 0
+        self.returns[done] = 0
+        self.lengths[done] = 0
         obs = self.final_obs = self.flatten(obs)
         if self.backend != "envpool" and done.any():  # EnvPool returns the final observation itself, resetting a step later
             self.final_obs = obs.copy()
@@ -613,15 +682,17 @@ class VecEnv:
 
 @torch.no_grad()
 def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, frames=None):
-    """(mean, std) of the returns of one episode on each of `num_envs` fresh envs seeded alike every time, so evaluations
-    compare; with `video_path`, env 0's episode again, rendered through dm_control into an mp4 there (via `frames`)."""
+    """(mean, std) of one episode's return on each of `num_envs` fresh envs seeded alike every time (video: env 0's)."""
     envs = VecEnv(env_id, backend, num_envs, seed, render=frames is not None)
-    obs, returns, done = envs.reset(), np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    obs = envs.reset()
+    returns = np.zeros(num_envs)
+    done = np.zeros(num_envs, dtype=bool)
     for _ in range(envs.max_episode_steps):
         if frames is not None:
             frames.append(envs.envs.render()[0])
         obs, reward, terminated, truncated, _, _ = envs.step(policy(torch.as_tensor(obs, device=device)).cpu().numpy())
-        returns, done = returns + reward * ~done, done | terminated | truncated
+        returns = returns + reward * ~done
+        done = done | terminated | truncated
         if done.all():
             break
     envs.close()  # frees a GL context now: dm_control's EGL cleanup at exit raises
@@ -654,7 +725,7 @@ def load_checkpoint(path):
 
 
 def restore(checkpoint, modules):
-    """Loads a checkpoint into `modules` and the RNGs (of the GPUs here); returns its counters. Envs start new episodes."""
+    """Loads a checkpoint into `modules` and the RNGs; returns its counters. Envs start new episodes."""
     for name, module in modules.items():
         module.load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -675,9 +746,10 @@ def log_scalars(writer, scalars, global_step):
 
 def log_episodes(writer, ended, step, train_return):
     """Logs the episodes that just ended, `ended` = (returns, lengths); returns the latest training return."""
-    if len(ended[0]):
-        log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
-    return float(ended[0].mean()) if len(ended[0]) else train_return
+    if len(ended[0]) == 0:
+        return train_return
+    log_scalars(writer, {"charts/episodic_return": ended[0].mean(), "charts/episodic_length": ended[1].mean()}, step)
+    return float(ended[0].mean())
 
 
 def finite_means(stats, where):
@@ -692,4 +764,4 @@ def finite_means(stats, where):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

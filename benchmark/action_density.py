@@ -49,17 +49,17 @@ def load_policy(path):
     if script in ("sac_gaussian.py", "gorl_sac_diff.py"):
         net = m.Actor(obs_dim, action_dim)
         net.load_state_dict(checkpoint["actor"])
-        latent, mean = (lambda x: net.get_action(obs_rms(x))[0]), (lambda x: net.get_action(obs_rms(x))[2])
+        latent, mean = (lambda x: net.get_action(obs_rms(x)).action), (lambda x: net.get_action(obs_rms(x)).mean)
     elif script in ("fpo.py", "dppo.py"):
         extra = (saved.flow_steps, saved.samples_per_action) if script == "fpo.py" else (saved.denoising_steps, saved.min_std)
         net = m.Agent(obs_dim, action_dim, *extra)
         net.load_state_dict(checkpoint["agent"])
         generator = torch.Generator().manual_seed(saved.seed)
-        return script, saved, (lambda x: net.act(obs_rms(x))[2]), (lambda x: net.act(obs_rms(x), generator)[2])
+        return script, saved, (lambda x: net.act(obs_rms(x)).env_action), (lambda x: net.act(obs_rms(x), generator).env_action)
     else:
         net = m.Agent(obs_dim, action_dim)
         net.load_state_dict(checkpoint["agent"])
-        latent, mean = (lambda x: net.act(obs_rms(x))[0]), (lambda x: net.act(obs_rms(x), deterministic=True)[0])
+        latent, mean = (lambda x: net.act(obs_rms(x)).action), (lambda x: net.get_dist(obs_rms(x)).mean)
     if "decoder" in checkpoint:  # GoRL: the env receives tanh(g(s, z))
         decoder = m.Decoder(obs_dim, action_dim, saved.decoder_hidden)
         decoder.load_state_dict(checkpoint["decoder"])

@@ -1,8 +1,10 @@
 """Curves, a results table and GoRL's refit and stage table from the CSVs benchmark/run.py keeps (nothing else).
 
-    python benchmark/plot.py --study study3m
+    python benchmark/plot.py --study study3m             # into a scratch directory, which it prints
+    python benchmark/plot.py --study study3m --update    # into benchmark/results/study3m/, the committed ones
 
-Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in the same directory, `curves.png`
+Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in a scratch directory (`--out`, or with
+`--update` the study's directory, next to the CSVs, where the committed figure and tables are), `curves.png`
 (deterministic evaluation return against env steps, mean and min-max over seeds, one panel per task, GoRL's refits
 dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run) and
 `stages.md` (per GoRL run: the evaluation at each stage's end, right after each refit and their ratio; per task and
@@ -12,6 +14,7 @@ import argparse
 import csv
 import glob
 import os
+import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -127,17 +130,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="default")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmark", "results"))
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--update", action="store_true", help="write next to the CSVs: the study's committed figure "
+                       "and tables")
+    where.add_argument("--out", help="the directory to write to (default: <tmp>/gorl-clean-plots/<study>)")
     args = p.parse_args()
     directory = os.path.join(args.results, args.study)
     runs = load(directory)
     if not runs:
         raise SystemExit(f"error: no run CSVs in {directory!r}")
-    curves(runs, os.path.join(directory, "curves.png"))
+    # A look at a study in progress must not change its committed figure and tables: only --update writes there.
+    out = args.out or os.path.join(tempfile.gettempdir(), "gorl-clean-plots", args.study)
+    if args.update:
+        out = directory
+    os.makedirs(out, exist_ok=True)
+    curves(runs, os.path.join(out, "curves.png"))
     for name, text in [("results.md", results_table(runs)), ("stages.md", stages_table(runs))]:
-        with open(os.path.join(directory, name), "w") as f:
+        with open(os.path.join(out, name), "w") as f:
             f.write(text)
         print(text)
-    print(f"wrote curves.png, results.md and stages.md in {directory}")
+    print(f"wrote curves.png, results.md and stages.md in {out}" + ("" if args.update else
+          f" (a scratch directory: --update writes them into {directory})"))
 
 
 if __name__ == "__main__":

@@ -67,9 +67,10 @@ E2E_BACKENDS = ([pytest.param("dm_control", marks=pytest.mark.slow), "envpool"] 
                 ["dm_control", pytest.param("envpool", marks=pytest.mark.skip(reason="envpool not installed"))])
 
 
-def run_main(name, args, cwd, monkeypatch):
-    """Runs a script's `main` in this process, as its command line would, and returns main's local variables at its
-    return (the loop's last minibatch, `obs_rms`, `agent`, ...): a profile hook copies them from main's frame."""
+def run_main(name, args, cwd, monkeypatch, function="main"):
+    """Runs a script's `main` in this process, as its command line would, and returns the local variables of its
+    `function` at its last return (main's `loop`, `obs_rms`, `agent`, ...; `ppo_update`'s last minibatch): a profile hook
+    copies them from the function's frame."""
     import runpy
 
     monkeypatch.chdir(cwd)
@@ -77,8 +78,10 @@ def run_main(name, args, cwd, monkeypatch):
     captured, path = {}, os.path.join(ROOT, name)
 
     def hook(frame, event, arg):
-        if event == "return" and frame.f_code.co_name == "main" and frame.f_code.co_filename == path:
+        if event == "return" and frame.f_code.co_filename == path and frame.f_code.co_name == function:
             captured.update(frame.f_locals)
+        if event == "return" and frame.f_code.co_filename == path and frame.f_code.co_name == "ppo_update":
+            captured["update"] = dict(frame.f_locals)  # the last update's minibatch, beside main's locals
 
     sys.setprofile(hook)
     try:

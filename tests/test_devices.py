@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.optim.optimizer as optim_base
 import torch.utils._foreach_utils as foreach_utils
-import tyro
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -233,7 +232,10 @@ RUNS["gorl_ppo_diff.py"] = RUNS["gorl_ppo_fm.py"]
 
 def run(m, argv, rules):
     """The script's main under the harness, as its command line runs it (--compile off: no torch.compile on a fake device)."""
-    args = tyro.cli(m.Args, args=argv + (["--compile", "off"] if hasattr(m.Args, "compile") else []))
+    argv = argv + (["--compile", "off"] if hasattr(m.Args, "compile") and "--resume" not in argv else [])
+    with pytest.MonkeyPatch.context() as patch:  # the script's own command line: --resume takes the saved settings
+        patch.setattr(sys, "argv", [m.__file__, *argv])
+        args = m.parse_args()
     try:
         with OnDev(), rules:
             m.main(args)
@@ -330,7 +332,8 @@ def test_a_model_trained_on_the_gpu_evaluates_to_its_logged_return_on_the_cpu(na
     logged = read_scalars(only_run_dir(tmp_path))["eval/episodic_return"][-1][1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # now a CPU-only machine, without the harness
     with pytest.raises(SystemExit):
-        m.main(tyro.cli(m.Args, args=["--eval-checkpoint", *glob.glob("runs/*/*.cleanrl_model")]))
+        monkeypatch.setattr(sys, "argv", [m.__file__, "--eval-checkpoint", *glob.glob("runs/*/*.cleanrl_model")])
+        m.main(m.parse_args())
     out = capsys.readouterr().out
     assert float(out.split("eval/episodic_return=")[1].split()[0]) == pytest.approx(logged, rel=1e-5, abs=1e-4), out
 

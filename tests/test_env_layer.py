@@ -172,11 +172,11 @@ def test_gymnasium_time_limit_comes_from_the_env_that_runs_it(capsys):
 
 # ---------------------------------------------------------------- item 3: termination on the time-limit step
 def mask_expressions():
-    """The expression each PPO-family main loop assigns to `learnable[unroll, t]`, compiled, by script."""
+    """The expression each PPO-family main loop assigns to `masks[unroll, t]`, compiled, by script."""
     out = {}
     for name in PPO_FAMILY:
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
-        found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(ast.unparse(t) == "learnable[unroll, t]" for t in n.targets)]
+        found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(ast.unparse(t) == "masks[unroll, t]" for t in n.targets)]
         assert len(found) == 1, name
         out[name] = compile(ast.Expression(found[0]), name, "eval")
     return out

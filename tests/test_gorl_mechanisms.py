@@ -95,7 +95,7 @@ def test_env_receives_tanh_of_the_decoded_latent_from_the_loaded_decoder(tmp_pat
     rec = Recorder(monkeypatch)
     s, run_dir, _ = run(name, [*TINY, "--total-timesteps", "128", "--stage-weights", "1", "--decoder-checkpoint", str(path), "--save-model"],
                         tmp_path, capsys, monkeypatch)
-    loaded = saved_model(run_dir, name)["loop"]["decoders"][0]
+    loaded = saved_model(run_dir, name)["decoder"]  # one stage, no refit: the run's decoder is the loaded one
     assert all(torch.equal(loaded[k], v) for k, v in decoder.state_dict().items())  # exactly the saved decoder, not a decoy
     # In the first rollout the encoder is exactly N(0, I) (prior reset), so atanh(action) - 3 must be N(0, 1) samples;
     # tanh(z) alone would be centred at 0.
@@ -112,7 +112,7 @@ def test_stage_boundary_optimizer_normalizer_lr_clip_and_first_ratio(tmp_path, c
     # 2 stages of 2 iterations; one minibatch of one epoch per iteration, so each logged approx-KL is a first minibatch's.
     args = [*TINY, "--num-minibatches", "1", "--batch-size", "2", "--total-timesteps", "64", "--stage-weights", "1", "1",
             "--learning-rate", "1e-3", "--learning-rate-later", "4e-4", "--clip-coef", "0.15", "--clip-coef-later", "0.3",
-            "--encoder-reset", mode, "--save-model"]
+            *(["--stage-encoder-resets", mode] if mode == "fresh" else ["--encoder-reset", mode]), "--save-model"]
     s, run_dir, _ = run(name, args, tmp_path, capsys, monkeypatch)
     assert [v for _, v in s["gorl/stage"]] == [0, 0, 1, 1]
     assert [round(v, 8) for _, v in s["charts/learning_rate"]] == [1e-3, 1e-3, 4e-4, 4e-4]
@@ -325,7 +325,7 @@ def test_warm_restart_restores_the_best_encoder_and_normalizer_with_a_new_adam(t
     # Run A: one stage of one iteration, evaluated at 0 and at its end; its encoders are the candidates for "best".
     # Run B: the same stage 0 (same seed), then a warm restart and one iteration at a learning rate of 1e-12, so B's
     # final encoder is the best encoder of stage 0 as restored.
-    common = [*TINY, "--eval-every", "128", "--encoder-reset", "warm", "--save-model"]
+    common = [*TINY, "--eval-every", "128", "--stage-encoder-resets", "warm", "--save-model"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     s_a, dir_a, _ = run(name, [*common, "--total-timesteps", "128", "--stage-weights", "1"], tmp_path / "a", capsys, monkeypatch)
@@ -359,7 +359,7 @@ def test_gorl_sac_restarted_actor_is_the_prior():
     assert torch.equal(dist.mean, torch.zeros(64, 3))
     torch.testing.assert_close(dist.scale, torch.ones(64, 3), atol=1e-6, rtol=0)
     torch.manual_seed(0)
-    z = actor.get_action(torch.randn(20000, 6))[0]
+    z = actor.get_action(torch.randn(20000, 6)).action
     assert z.mean().abs() < 0.03 and (z.std() - 1).abs() < 0.03
 
 
@@ -380,16 +380,16 @@ def test_gorl_ppo_scripts_differ_only_in_the_decoder():
     fm, diff = (sources[n] for n in PPO_SCRIPTS)
     assert set(fm) == set(diff)
     differing = {k for k in fm if fm[k] != diff[k]}
-    assert differing <= {"Decoder", "Args"}, differing  # Args: the release's per-decoder lr and clip defaults
+    assert differing <= {"Decoder", "Args", "presets"}, differing  # Args and presets: per-decoder lr, clip, release
 
 
 # ---------------------------------------------------------------- the release's KL form, per-stage beta
-@pytest.mark.parametrize("name", ALL_SCRIPTS)
+@pytest.mark.parametrize("name", PPO_SCRIPTS)  # gorl_sac_diff.py has only the analytic KL
 def test_release_kl_form_value_and_gradient(name):
     m = MODULES[name]
     mu = torch.tensor([[1.0, 0.0]], requires_grad=True)
     sigma = torch.tensor([[1.0, 2.0]], requires_grad=True)
-    value = m.kl_to_prior(torch.distributions.Normal(mu, sigma), "release")
+    value = m.kl_to_prior(torch.distributions.Normal(mu, sigma), "moments")
     torch.testing.assert_close(value, torch.tensor([(1 + 0) / 2 + (1 + 4) / 2]))  # mean mu^2 + mean sigma^2 = 3
     value.sum().backward()
     torch.testing.assert_close(mu.grad, torch.tensor([[1.0, 0.0]]))  # 2 mu / D
@@ -398,8 +398,8 @@ def test_release_kl_form_value_and_gradient(name):
 
 @pytest.mark.parametrize("name", LOOP_SCRIPTS)
 def test_per_stage_beta_and_kl_form_are_in_force(tmp_path, capsys, monkeypatch, name):
-    args = [*TINY, "--num-minibatches", "1", "--total-timesteps", "64", "--stage-weights", "1", "1", "--beta", "5e-4", "1e-3",
-            "--kl-form", "release"]
+    args = [*TINY, "--num-minibatches", "1", "--total-timesteps", "64", "--stage-weights", "1", "1", "--stage-betas", "5e-4", "1e-3",
+            "--kl-form", "moments"]
     s, _, _ = run(name, args, tmp_path, capsys, monkeypatch)
     assert [round(v, 8) for _, v in s["gorl/beta"]] == [5e-4, 5e-4, 1e-3, 1e-3]
     # The release form of an N(0, I) latent policy is 0 + 1 = 1 (the analytic KL would be 0): stage 0's first minibatch.
@@ -414,7 +414,7 @@ def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_pat
             "--refine-episodes", "4", "--refine-num-envs", "4", "--decoder-epochs", "2", "--save-model"]
     s, run_dir, _ = run("gorl_sac_diff.py", args, tmp_path, capsys, monkeypatch)
     decoder = m.Decoder(11, 3, saved_model(run_dir, "gorl_sac_diff.py")["args"]["decoder_hidden"])
-    decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["loop"]["decoders"][1])
+    decoder.load_state_dict(saved_model(run_dir, "gorl_sac_diff.py")["decoder"])  # the last stage's, refit at its start
     evaluations = [calls for num_envs, calls in rec.by_env if num_envs == 3]
     assert len(evaluations) == 4  # at 0, at the stage end, right after the refit, at the end
     # Right after the refit the restarted actor is the prior, so its deterministic latent is z = 0 for every state.
@@ -427,7 +427,7 @@ def test_gorl_sac_evaluates_the_new_decoder_at_z_0_right_after_the_refit(tmp_pat
 @pytest.mark.parametrize("name", LOOP_SCRIPTS)
 def test_later_stage_learning_rates_and_gradient_clipping_are_in_force(tmp_path, capsys, monkeypatch, name):
     args = [*TINY, "--num-minibatches", "1", "--total-timesteps", "48", "--stage-weights", "1", "1", "1", "--learning-rate", "1e-3",
-            "--learning-rate-later", "4e-4", "2e-4", "--max-grad-norm", "0.5", "--max-grad-norm-later", "0.7"]
+            "--stage-learning-rates", "1e-3", "4e-4", "2e-4", "--max-grad-norm", "0.5", "--stage-max-grad-norms", "0.5", "0.7"]
     s, _, _ = run(name, args, tmp_path, capsys, monkeypatch)
     assert [round(v, 8) for _, v in s["charts/learning_rate"]] == [1e-3, 4e-4, 2e-4]
     assert [round(v, 6) for _, v in s["charts/max_grad_norm"]] == [0.5, 0.7, 0.7]

@@ -121,10 +121,12 @@ RUNS = {
 }
 KEPT = ["idx", "values", "advantages", "v_targets", "logratio", "ratio", "pg_loss", "v_loss", "entropy", "loss"]  # per minibatch
 BATCH = ["b_obs", "b_actions", "b_logprobs", "b_eps", "b_t"]  # the iteration's stored rollout (FPO: its (eps, t) samples)
+SEGMENTS = {"b_obs": "obs", "b_actions": "actions", "b_logprobs": "logprobs", "b_eps": "cfm_eps", "b_t": "cfm_t"}  # ppo_update's
 
 
 def run_with_snapshots(name, argv, cwd):
-    """Runs the script's main here; returns the run, with a snapshot of main's locals at every `optimizer.step()`."""
+    """Runs the script's main here; returns the run, with a snapshot of the update's locals at every `optimizer.step()`
+    (in `ppo_update`, with main's iteration and normalizer, where the script has one; else in main)."""
     path, snapshots, entropy_rng, batch = script_path(name), [], [], {}
     is_step = {}
 
@@ -132,7 +134,7 @@ def run_with_snapshots(name, argv, cwd):
         if event != "call":
             return
         caller = frame.f_back
-        if caller is None or caller.f_code.co_name != "main" or caller.f_code.co_filename != path:
+        if caller is None or caller.f_code.co_name not in ("main", "ppo_update") or caller.f_code.co_filename != path:
             return
         if frame.f_code.co_name == "entropy":  # PPO's entropy draws u for the tanh correction: keep the RNG state
             entropy_rng.append(torch.get_rng_state())
@@ -143,15 +145,17 @@ def run_with_snapshots(name, argv, cwd):
         if not is_step[line]:
             return
         f = caller.f_locals
+        outer = caller.f_back.f_locals if caller.f_code.co_name == "ppo_update" else f  # main's: iteration, obs_rms
+        stored = {k: f["segments"][v] for k, v in SEGMENTS.items() if v in f["segments"]} if "segments" in f else f
         agent = f["agent"]
         if not batch:
-            batch.update({k: f[k].detach().clone() for k in BATCH if k in f})
+            batch.update({k: stored[k].detach().clone() for k in BATCH if k in stored})
             batch.update(args=f["args"], agent=copy.deepcopy(agent))
         snapshots.append({
             **{k: f[k].detach().clone() for k in KEPT if k in f and torch.is_tensor(f[k])},
             "params": {n: p.detach().clone() for n, p in agent.named_parameters()},
             "grads": {n: p.grad.detach().clone() for n, p in agent.named_parameters()},
-            "iteration": f["iteration"], "epoch": f["epoch"], "obs_rms_count": float(f["obs_rms"].count),
+            "iteration": outer["iteration"], "epoch": f["epoch"], "obs_rms_count": float(outer["obs_rms"].count),
             "entropy_rng": entropy_rng[-1] if entropy_rng else None,
         })
 
@@ -715,7 +719,7 @@ def test_sac_main_makes_actor_updates_every_policy_frequency_updates(tmp_path, m
         if event == "call" and frame.f_code.co_name == "sac_update" and caller is not None and caller.f_code.co_name in ("main", "<listcomp>"):
             while caller.f_code.co_name != "main":
                 caller = caller.f_back
-            calls.append((caller.f_locals["updates"], frame.f_locals["actor"]))
+            calls.append((caller.f_locals["loop"]["updates"], frame.f_locals["actor"]))
 
     monkeypatch.setattr(gym.vector, "SyncVectorEnv", ScriptedEnvs)
     monkeypatch.chdir(tmp_path)

@@ -61,12 +61,13 @@ def run_once(one_thread, tmp_path_factory):
 def test_fpo_update_lowers_the_cfm_loss_of_positive_advantage_actions(run_once, average):
     g = run_once("fpo.py", *FAST_ENV, *ONE_UPDATE, "--num-envs", "4", "--unroll-length", "8", "--batch-size", "8", "--total-timesteps", "64",
                  "--average-losses-before-exp" if average else "--no-average-losses-before-exp")
-    idx, agent = g["idx"], g["agent"]
+    idx, agent, segments = g["update"]["idx"], g["agent"], g["segments"]
     assert g["iteration"] == 1 and len(idx) == 8  # one update on all 8 segments
     with torch.no_grad():
-        after = agent.cfm_loss(g["b_obs"][idx][:, :-1], g["b_actions"][idx], g["b_eps"][idx], g["b_t"][idx])  # [B, T, S]
-    change = after - g["b_old_losses"][idx]
-    advantages = g["advantages"]  # as the loss used them: [B, T], or [B, T, 1] with per-sample ratios
+        after = agent.cfm_loss(segments["obs"][idx][:, :-1], segments["actions"][idx], segments["cfm_eps"][idx],
+                               segments["cfm_t"][idx])  # [B, T, S]
+    change = after - segments["old_losses"][idx]
+    advantages = g["update"]["advantages"]  # as the loss used them: [B, T], or [B, T, 1] with per-sample ratios
     change = change.mean(-1) if average else change
     assert (advantages > 0).any() and (advantages < 0).any()
     weighted = (advantages * change).sum().item()
@@ -76,12 +77,12 @@ def test_fpo_update_lowers_the_cfm_loss_of_positive_advantage_actions(run_once, 
 def test_dppo_update_raises_the_step_logprobs_of_positive_advantage_actions(run_once):
     g = run_once("dppo.py", *FAST_ENV, *ONE_UPDATE, "--num-envs", "4", "--unroll-length", "8", "--batch-size", "8", "--total-timesteps", "64",
                  "--gamma-denoising", "0.5")
-    idx, agent = g["idx"], g["agent"]
+    idx, agent, segments = g["update"]["idx"], g["agent"], g["segments"]
     assert g["iteration"] == 1 and len(idx) == 8
     with torch.no_grad():
-        after = agent.chain_logprobs(g["b_obs"][idx][:, :-1], g["b_actions"][idx])  # [B, T, K]
-    change = after - g["b_logprobs"][idx]
-    advantages = g["advantages"]  # [B, T, K]: the transition's advantage times the step's weight, as in the loss
+        after = agent.chain_logprobs(segments["obs"][idx][:, :-1], segments["actions"][idx])  # [B, T, K]
+    change = after - segments["logprobs"][idx]
+    advantages = g["update"]["advantages"]  # [B, T, K]: the transition's advantage times the step's weight, as in the loss
     assert (advantages > 0).any() and (advantages < 0).any()
     weighted = (advantages * change).sum().item()
     assert weighted > 0, f"advantage-weighted step-log-prob change {weighted} <= 0: the update moved the log-probs the wrong way"
@@ -91,7 +92,7 @@ def test_dppo_update_raises_the_step_logprobs_of_positive_advantage_actions(run_
 def test_dppo_step_weights_give_the_action_step_weight_one(run_once):
     g = run_once("dppo.py", *FAST_ENV, *ONE_UPDATE, "--num-envs", "4", "--unroll-length", "8", "--batch-size", "8", "--total-timesteps", "64",
                  "--gamma-denoising", "0.5")
-    K, agent = g["K"], g["agent"]
+    K, agent = g["update"]["K"], g["agent"]
     # Columns are the chain's steps, noisiest first: column j is the step from x_{K-j} to x_{K-j-1}, column K-1 the
     # step that produces the action. Check that on the agent itself...
     obs = torch.randn(16, g["obs_dim"])
@@ -102,10 +103,11 @@ def test_dppo_step_weights_give_the_action_step_weight_one(run_once):
     torch.testing.assert_close(logprobs[:, K - 1], last, msg=lambda m: f"log-prob column K-1 is not the step that produces the action: {m}")
     # ...then the weights: gamma^(K-1-j), so the action's step has weight 1 and the noisiest gamma^(K-1).
     expected = 0.5 ** torch.arange(K - 1, -1, -1, dtype=torch.float32)
-    torch.testing.assert_close(g["step_weights"], expected, rtol=0, atol=0, msg=lambda m: f"step weights {g['step_weights'].tolist()}: {m}")
-    assert g["step_weights"][-1] == 1.0
+    weights = g["update"]["step_weights"]
+    torch.testing.assert_close(weights, expected, rtol=0, atol=0, msg=lambda m: f"step weights {weights.tolist()}: {m}")
+    assert weights[-1] == 1.0
     # ...and the loss used them: the weighted advantages of a transition are its advantage times the weights.
-    advantages = g["advantages"]
+    advantages = g["update"]["advantages"]
     base = advantages[..., -1:]
     nonzero = base.squeeze(-1) != 0
     assert nonzero.any()
@@ -217,16 +219,16 @@ def test_segments_are_consecutive_steps_of_one_env(tmp_path, monkeypatch, name):
                         "--num-eval-envs", "1", "--eval-every", "100000", "--reward-scale", "10", *NO_REFIT.get(name, [])], tmp_path, monkeypatch)
     train_envs = TickEnvs.instances[0]  # created before the first evaluation's
     assert train_envs.n == N and g["iteration"] == 1
-    b_obs = g["b_obs"]
+    b_obs = g["segments"]["obs"]
     assert b_obs.shape == (U * N, T + 1, 2)
     env, tick = b_obs[..., 0], b_obs[..., 1]
     assert (env == env[:, :1]).all(), f"a segment mixes envs: {env.tolist()}"
     assert (tick == tick[:, :1] + torch.arange(T + 1)).all(), f"a segment's steps are not consecutive: {tick.tolist()}"
     assert sorted(zip(env[:, 0].tolist(), tick[:, 0].tolist())) == sorted((n, u * T) for n in range(N) for u in range(U))
-    torch.testing.assert_close(g["b_rewards"], 10.0 * (100 * env[:, :-1] + tick[:, :-1]), rtol=0, atol=0)  # --reward-scale 10
-    torch.testing.assert_close(g["b_learnable"], ((tick[:, :-1] + 1) % 5 != 0).float(), rtol=0, atol=0)  # truncation steps masked
+    torch.testing.assert_close(g["segments"]["rewards"], 10.0 * (100 * env[:, :-1] + tick[:, :-1]), rtol=0, atol=0)  # scale 10
+    torch.testing.assert_close(g["segments"]["masks"], ((tick[:, :-1] + 1) % 5 != 0).float(), rtol=0, atol=0)  # truncations
     with torch.no_grad():
-        sent = ENV_ACTION[name](g, b_obs[:, :-1], g["b_actions"])
+        sent = ENV_ACTION[name](g, b_obs[:, :-1], g["segments"]["actions"])
     received = torch.as_tensor(np.stack([[train_envs.received[int(e), int(k)] for e, k in zip(es, ks)] for es, ks in zip(env[:, :-1], tick[:, :-1])]))
     torch.testing.assert_close(sent.double(), received.double(), rtol=0, atol=1e-6)  # the env layer maps actions in float64
 
@@ -245,16 +247,21 @@ def test_first_minibatch_after_a_rollout_has_ratio_one(tmp_path, monkeypatch, na
     assert all(v == 0 for _, v in s["losses/clipfrac"]), s["losses/clipfrac"]
     # approx-KL is second order in the log-ratio (a log-ratio of 2e-4 logs as 2e-9, float noise), so also read the
     # last iteration's log-ratio itself: float noise is ~4e-7.
-    assert g["logratio"].abs().max() < 1e-5, f"first-minibatch log-ratio {g['logratio'].abs().max().item()} at iteration {g['iteration']}"
+    logratio = g["update"]["logratio"]
+    assert logratio.abs().max() < 1e-5, f"first-minibatch log-ratio {logratio.abs().max().item()} at iteration {g['iteration']}"
 
 
 # ---------------------------------------------------------------- 4. the shared skeleton
 MAY_DIFFER = {  # name -> the scripts whose version is their own by design; all others holding the name must agree
     "Args": set(ALL_SCRIPTS),  # each script's own hyperparameters
     "main": set(ALL_SCRIPTS),  # each script's training loop
+    "presets": set(ALL_SCRIPTS),  # each script's named settings
+    "ppo_update": {"ppo_gaussian.py", "fpo.py", "dppo.py"},  # each policy's loss; GoRL's two PPO scripts must agree
+    "Sample": {"fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"},  # what each policy's act returns
     "Agent": {"fpo.py", "dppo.py"},  # flow and diffusion policies; PPO and both GoRL PPOs share the Gaussian agent
     "Decoder": {"gorl_ppo_fm.py"},  # flow-matching decoder; the two diffusion decoders must agree
     "sac_update": {"gorl_sac_diff.py"},  # adds GoRL's KL-to-prior term to SAC's actor loss
+    "kl_to_prior": {"gorl_sac_diff.py"},  # the analytic KL only; the PPO scripts also have the release's moments form
     # each script's evaluation policy and its loader for --eval-checkpoint; the two GoRL PPO scripts' must agree
     "eval_policy": {"ppo_gaussian.py", "fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"},
     "load_policy": {"ppo_gaussian.py", "fpo.py", "dppo.py", "sac_gaussian.py", "gorl_sac_diff.py"},
@@ -267,6 +274,8 @@ SKELETON = {  # names every script of the group must have, so the comparison bel
     "log_scalars": ALL_SCRIPTS, "log_episodes": ALL_SCRIPTS, "finite_means": ALL_SCRIPTS, "save_checkpoint": ALL_SCRIPTS,
     "kl_to_prior": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"], "fit_decoder": ["gorl_ppo_fm.py", "gorl_ppo_diff.py",
     "gorl_sac_diff.py"], "collect_refinement_data": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"],
+    "refine_decoder": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"], "parse_args": ALL_SCRIPTS, "presets": ALL_SCRIPTS,
+    "eval_after_refit": ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"], "ppo_update": PPO_FAMILY,
 }
 
 

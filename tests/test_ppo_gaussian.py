@@ -109,9 +109,9 @@ def test_gaussian_head_scale_bounds_and_logprob_of_pre_tanh_sample():
         agent.actor[-1].weight.zero_()
     dist = agent.get_dist(torch.randn(7, 5))
     torch.testing.assert_close(dist.scale[0], torch.tensor([1e-3, float(np.log(2.0)) + 1e-3, 10.0]))
-    u, logp, env_action = agent.act(torch.randn(7, 5))
-    torch.testing.assert_close(env_action, torch.tanh(u))
-    torch.testing.assert_close(logp, dist.log_prob(u).sum(-1))
+    sample = agent.act(torch.randn(7, 5))
+    torch.testing.assert_close(sample.mean, dist.mean)
+    torch.testing.assert_close(sample.log_prob, dist.log_prob(sample.action).sum(-1))
 
 
 # ---------------------------------------------------------------- environments

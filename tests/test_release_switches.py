@@ -86,11 +86,11 @@ def test_pre_update_timing_normalizes_the_batch_with_statistics_that_include_it(
     g = run_main(name, args, tmp_path / "legacy", monkeypatch)
     raw = raw_of(g)
     assert g["obs_rms"].count.item() == 64  # one iteration, merged once (before its update)
-    torch.testing.assert_close(g["b_obs"], g["obs_rms"](raw))
-    assert not torch.allclose(g["b_obs"], raw)  # the merged statistics moved the normalization
+    torch.testing.assert_close(g["segments"]["obs"], g["obs_rms"](raw))
+    assert not torch.allclose(g["segments"]["obs"], raw)  # the merged statistics moved the normalization
     # The default normalizes the first batch with the statistics that acted on it: the initial identity.
     g = run_main(name, [*TINY_BASE, "--total-timesteps", "64"], tmp_path / "default", monkeypatch)
-    torch.testing.assert_close(g["b_obs"], raw_of(g))
+    torch.testing.assert_close(g["segments"]["obs"], raw_of(g))
     assert g["obs_rms"].count.item() == 64
 
 
@@ -98,7 +98,7 @@ def test_gorl_timing_per_stage_shows_in_the_first_minibatch_ratio(tmp_path, caps
     # 2 stages of 2 iterations, one minibatch each: its approx-KL is 0 exactly when the update normalizes as the
     # rollout did (rollout_consistent) and not when the statistics changed in between (legacy_pre_update). `fresh`, so
     # the latent policy depends on the observation from the start (`prior` is N(0, I) for any observation).
-    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--encoder-reset", "fresh",
+    args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--stage-encoder-resets", "fresh",
             "--obs-stats-timing", "legacy_pre_update", "rollout_consistent"]
     s, _ = run("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     kl = [v for _, v in s["losses/approx_kl"]]
@@ -147,11 +147,11 @@ def test_gorl_accumulation_per_stage_matches_a_reference_on_the_recorded_observa
 def test_tanh_entropy_correction_adds_the_log_jacobian(tmp_path, monkeypatch, name, extra):
     (tmp_path / "on").mkdir(), (tmp_path / "off").mkdir()
     args = [*TINY_BASE, "--total-timesteps", "64", *extra]
-    g = run_main(name, [*args, "--tanh-entropy-correction"], tmp_path / "on", monkeypatch)
+    g = run_main(name, [*args, "--tanh-entropy-correction"], tmp_path / "on", monkeypatch, function="ppo_update")
     plain = g["dist"].entropy().sum(-1).mean().item()
     # log(1 - tanh(u)^2) < 0 for every u: the corrected entropy is below the Gaussian one by about D * E[log(1 - tanh^2)].
     assert g["entropy"].item() < plain - 0.05, (g["entropy"].item(), plain)
-    g = run_main(name, args, tmp_path / "off", monkeypatch)
+    g = run_main(name, args, tmp_path / "off", monkeypatch, function="ppo_update")
     assert g["entropy"].item() == pytest.approx(g["dist"].entropy().sum(-1).mean().item(), abs=1e-6)
 
 
@@ -159,7 +159,7 @@ def test_tanh_entropy_correction_adds_the_log_jacobian(tmp_path, monkeypatch, na
 def test_encoder_reset_per_stage(tmp_path, capsys, monkeypatch):
     # prior, then fresh (new actor, critic, normalizer and Adam), then none (everything kept): 3 stages of 2 iterations.
     args = [*TINY_GORL, "--total-timesteps", "96", "--stage-weights", "1", "1", "1", "--save-model",
-            "--encoder-reset", "prior", "fresh", "none"]
+            "--stage-encoder-resets", "prior", "fresh", "none"]
     s, run_dir = run("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     assert [v for _, v in s["gorl/stage"]] == [0, 0, 1, 1, 2, 2]
     model = torch.load(os.path.join(run_dir, "gorl_ppo_fm.cleanrl_model"), weights_only=False)
@@ -171,7 +171,7 @@ def test_prior_best_takes_critic_and_normalizer_from_the_best_encoder(tmp_path, 
     # Stage 0 evaluates at step 0 and at its end (32 steps); with this seed the step-0 encoder is the best one, so
     # `prior-best` restarts from its normalizer (count 0) where `prior` keeps the last one (count 32).
     args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--save-model",
-            "--encoder-reset", "prior-best"]
+            "--stage-encoder-resets", "prior-best"]
     s, run_dir = run("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
     evals = [v for _, v in s["eval/episodic_return"]]
     assert evals[0] > evals[1], f"precondition: the step-0 encoder must be stage 0's best, got {evals}"
@@ -182,16 +182,17 @@ def test_prior_best_takes_critic_and_normalizer_from_the_best_encoder(tmp_path, 
 
 
 def test_per_stage_lists_longer_than_the_stages_are_refused(tmp_path, capsys, monkeypatch):
-    args = [*TINY_GORL, "--stage-weights", "1", "1", "--encoder-reset", "prior", "fresh", "warm"]
-    code, _, err = run_inprocess("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--encoder-reset takes one value or one per stage" in err, err
+    for flag, values in [("--stage-encoder-resets", ["prior", "fresh", "warm"]), ("--stage-betas", ["1", "2", "3"])]:
+        args = [*TINY_GORL, "--stage-weights", "1", "1", flag, *values]
+        code, _, err = run_inprocess("gorl_ppo_fm.py", args, tmp_path, capsys, monkeypatch)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} takes one value per stage" in err, err
 
 
 def test_entropy_coefficient_of_the_later_stages(tmp_path, monkeypatch):
-    # 2 stages; the last minibatch is in stage 1, whose loss must carry --ent-coef-later, not --ent-coef.
+    # 2 stages; the last minibatch is in stage 1, whose loss must carry stage 1's entropy coefficient, not --ent-coef.
     args = [*TINY_GORL, "--total-timesteps", "64", "--stage-weights", "1", "1", "--ent-coef", "0.01",
-            "--ent-coef-later", "3.0"]
-    g = run_main("gorl_ppo_fm.py", args, tmp_path, monkeypatch)
-    assert g["stage"] == 1
-    rest = g["loss"] - (g["pg_loss"] + g["v_loss"] + g["beta"] * g["latent_kl"])
+            "--stage-ent-coefs", "0.01", "3.0"]
+    g = run_main("gorl_ppo_fm.py", args, tmp_path, monkeypatch, function="ppo_update")
+    assert g["args"].ent_coef == 3.0
+    rest = g["loss"] - (g["pg_loss"] + g["v_loss"] + g["args"].beta * g["latent_kl"])
     torch.testing.assert_close(rest, -3.0 * g["entropy"])

@@ -19,19 +19,14 @@ SCRIPTS = ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py", "fpo.py", "d
 GORL = ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"]
 PLUMBING_BANNER = ("# ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, "
                    "logging) ----")
-MAIN_LINE = 'if __name__ == "__main__":\n    main(tyro.cli(Args))\n'
-MAX_PLUMBING = 250
-MAX_LINES = {"ppo_gaussian.py": 650, "fpo.py": 720, "dppo.py": 720, "sac_gaussian.py": 700, "gorl_ppo_fm.py": 950,
-             "gorl_ppo_diff.py": 950, "gorl_sac_diff.py": 950}
-# Changed lines (`diff` + and - lines) of each variant against its baseline: the GoRL diffs hold the decoder, the refit,
-# the stage loop, GoRL's flags and their checks, and must not grow; the others are the policy and its loss.
-DIFF_BUDGETS = {
-    ("ppo_gaussian.py", "gorl_ppo_fm.py"): 368,
-    ("gorl_ppo_fm.py", "gorl_ppo_diff.py"): 80,
-    ("ppo_gaussian.py", "fpo.py"): 150,
-    ("ppo_gaussian.py", "dppo.py"): 150,
-    ("sac_gaussian.py", "gorl_sac_diff.py"): 287,
-}
+MAIN_LINE = 'if __name__ == "__main__":\n    main(parse_args())\n'
+# Ceilings, not targets (line and diff sizes are reported by docs/implementation.md, not asserted): readable code first.
+MAX_PLUMBING = 300
+MAX_LINES = 1150
+MAX_TUPLE_PACKING = 5  # `a, b = x, y` assignments per script; unpacking what a call returns is fine
+MAX_FUNCTION = 140  # lines of the longest function or class method
+DIFF_PAIRS = [("ppo_gaussian.py", "gorl_ppo_fm.py"), ("gorl_ppo_fm.py", "gorl_ppo_diff.py"), ("ppo_gaussian.py", "fpo.py"),
+              ("ppo_gaussian.py", "dppo.py"), ("sac_gaussian.py", "gorl_sac_diff.py")]
 
 
 def read(name):
@@ -65,7 +60,27 @@ def test_every_line_within_127_characters_and_the_file_within_its_budget(name):
     lines = read(name).splitlines()
     long = [i + 1 for i, line in enumerate(lines) if len(line) > 127]
     assert not long, f"{name}: lines over 127 characters: {long}"
-    assert len(lines) <= MAX_LINES[name], f"{name}: {len(lines)} lines, budget {MAX_LINES[name]}"
+    assert len(lines) <= MAX_LINES, f"{name}: {len(lines)} lines, ceiling {MAX_LINES}"
+
+
+def tuple_packing(source):
+    """Line numbers of `a, b = x, y` assignments: a tuple target and a literal tuple value (not a call's returns)."""
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Tuple) and any(isinstance(target, ast.Tuple) for target in node.targets)]
+
+
+def test_tuple_packing_counter_sees_packing_and_not_unpacking():
+    assert tuple_packing("a, b = 1, 2\nc = 3\nd, e = f()\n(g, h) = (i, j)\n") == [1, 4]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_assignment_per_line_and_no_overlong_function(name):
+    source = read(name)
+    packed = tuple_packing(source)
+    assert len(packed) <= MAX_TUPLE_PACKING, f"{name}: tuple-packing assignments at lines {packed}"
+    functions = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)]
+    longest = max(functions, key=lambda node: node.end_lineno - node.lineno)
+    assert longest.end_lineno - longest.lineno + 1 <= MAX_FUNCTION, f"{name}: {longest.name} is too long"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -84,7 +99,7 @@ def test_reading_order_algorithm_first_then_main_then_the_plumbing(name):
     assert all(not (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == "main") for node in body[body.index(main) + 1:])
 
 
-def test_the_plumbing_is_byte_identical_in_every_script_and_at_most_250_lines():
+def test_the_plumbing_is_byte_identical_in_every_script_and_within_its_ceiling():
     blocks = {name: plumbing(name) for name in SCRIPTS}
     reference = blocks["ppo_gaussian.py"]
     for name, block in blocks.items():
@@ -109,18 +124,12 @@ def test_no_references_outside_the_repository():
         assert "SPEC.md" not in read(name) and "../shared" not in read(name), name
 
 
-@pytest.mark.parametrize("pair", list(DIFF_BUDGETS))
-def test_diff_against_the_baseline_stays_within_budget(pair):
-    n = changed_lines(*pair)
-    assert n <= DIFF_BUDGETS[pair], f"diff {pair[0]} {pair[1]}: {n} changed lines, budget {DIFF_BUDGETS[pair]}"
-
-
 def test_docs_show_the_current_sizes():
     """docs/implementation.md's table of line counts and diff sizes is the measured one."""
     text = read("docs/implementation.md")
-    rows = dict(((a, b), (int(n), int(budget))) for a, b, n, budget in re.findall(r"^\| `(\S+) (\S+)` \| (\d+) \| (\d+) \|$", text, re.M))
-    assert set(rows) == set(DIFF_BUDGETS), rows
-    for pair, (n, budget) in rows.items():
-        assert (n, budget) == (changed_lines(*pair), DIFF_BUDGETS[pair]), f"docs/implementation.md's diff table is stale for {pair}"
+    rows = dict(((a, b), int(n)) for a, b, n in re.findall(r"^\| `(\S+) (\S+)` \| (\d+) \|$", text, re.M))
+    assert set(rows) == set(DIFF_PAIRS), rows
+    for pair, n in rows.items():
+        assert n == changed_lines(*pair), f"docs/implementation.md's diff table is stale for {pair}"
     lines = dict((name, int(n)) for name, n in re.findall(r"^\| `(\S+\.py)` \| (\d+) \|", text, re.M))
     assert lines == {name: len(read(name).splitlines()) for name in SCRIPTS}, "docs/implementation.md's line counts are stale"
