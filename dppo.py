@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -102,10 +103,16 @@ class Args:
     """evaluate every this many environment steps (and at the start and the end)"""
     num_eval_envs: int = 128
     """the number of evaluation episodes, one per fresh environment"""
+
+    # The released runs' switches (the `release` preset turns them on; docs/reproducing.md has a row for each).
     obs_stats_accumulation: Literal["cumulative", "legacy_batch_only"] = "cumulative"
     """the normalizer's variance: `cumulative` over all batches (the GoRL release's fix) or `legacy_batch_only` (FPO)"""
     obs_stats_timing: Literal["rollout_consistent", "legacy_pre_update"] = "rollout_consistent"
     """merge a batch into the normalizer after the update on it (`rollout_consistent`) or before (`legacy_pre_update`: FPO)"""
+    mask_time_limit_terminations: bool = False
+    """mask a termination on the time-limit step like a truncation (no advantage, no value error), as the release does"""
+    normalize_advantages_over_all_steps: bool = False
+    """normalize advantages over all of a minibatch's steps, masked ones too, with the population std (the release)"""
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
@@ -143,7 +150,8 @@ def presets(env_id):
     finger_spin = env_id == "FingerSpin"
     cpu = replace(paper, total_timesteps=3_000_000, num_envs=16, batch_size=16, num_minibatches=8, update_epochs=8,
                   learning_rate=1e-3, gamma=0.95 if finger_spin else 0.99, eval_every=100_000, num_eval_envs=32)
-    release = replace(paper, gamma=0.95 if finger_spin else paper.gamma, clip_coef=0.2,
+    release = replace(paper, gamma=0.95 if finger_spin else paper.gamma, clip_coef=0.2, mask_time_limit_terminations=True,
+                      normalize_advantages_over_all_steps=True,
                       obs_stats_accumulation="legacy_batch_only", obs_stats_timing="legacy_pre_update")
     return {"paper": paper, "cpu": cpu, "release": release}
 
@@ -230,8 +238,11 @@ def to_segments(x, device):
     return torch.as_tensor(x, device=device).transpose(1, 2).flatten(0, 1)
 
 
-def normalize_advantages(advantages, mask):
-    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0."""
+def normalize_advantages(advantages, mask, over_all_steps=False):
+    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0. `over_all_steps` (the release, upstream
+    FPO's ppo.py): over every step, the masked ones' zeros included, with the population std, and not masked again."""
+    if over_all_steps:
+        return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
     n = mask.sum().clamp(min=2)
     mean = advantages.sum() / n
     std = (((advantages - mean) * mask) ** 2).sum().div(n - 1).sqrt()
@@ -341,7 +352,7 @@ def ppo_update(agent, optimizer, segments, args):
             with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
                 advantages, v_targets = compute_gae(segments["rewards"][idx], values, segments["terminations"][idx], mb_mask,
                                                     args.gamma, args.gae_lambda)
-                advantages = normalize_advantages(advantages, mb_mask)
+                advantages = normalize_advantages(advantages, mb_mask, args.normalize_advantages_over_all_steps)
 
             # One ratio per (transition, denoising step), each against the transition's advantage. All K steps of
             # a transition share its minibatch, since GAE runs over whole segments (Brax layout).
@@ -448,7 +459,9 @@ def main(args):
                 next_obs, reward, terminated, truncated, valid, ended = envs.step(sample.env_action.cpu().numpy())
                 rewards[unroll, t] = reward * args.reward_scale
                 terminations[unroll, t] = terminated
-                masks[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                # A termination on the time-limit step stays one (GAE sees it), unless masked as the release does.
+                truncation = truncated if args.mask_time_limit_terminations else truncated & ~terminated
+                masks[unroll, t] = valid & ~truncation
                 step = global_step + (unroll * T + t + 1) * N
                 loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
@@ -485,15 +498,12 @@ def main(args):
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
-    if args.save_model:  # the final checkpoint is the model
-        shutil.copyfile(checkpoint_path, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-        print(f"model saved to runs/{run_name}/{args.exp_name}.cleanrl_model")
-    envs.close()
-    writer.close()
+    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
 EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
+START = time.time()  # the run's wall clock, setup included
 
 
 def fail(message):
@@ -531,8 +541,9 @@ def parse_args():
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
     description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
-    if saved:  # a saved run continues or is evaluated as it was; only these may change
+    if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
@@ -562,6 +573,8 @@ def setup(args, load_policy):
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
+        if video_path is not None:
+            print(f"video: {video_path}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -570,6 +583,8 @@ def setup(args, load_policy):
     if args.track:  # Weights and Biases reads the tensorboard logs
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
+    resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -722,16 +737,22 @@ def save_checkpoint(path, args, backend, run_name, modules, loop):
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
-    torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    try:
+        torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk, no permission: the last whole checkpoint is still there
+        last = f"the last complete one is {path}" if os.path.exists(path) else "no complete one was written"
+        fail(f"cannot write the checkpoint {path}.tmp ({str(e).splitlines()[0][:80]}); {last}")
 
 
 def load_checkpoint(path):
     """A checkpoint of this script, loaded without running code from it (weights_only); others are refused."""
+    if not os.path.isfile(path):
+        fail(f"cannot read checkpoint {path!r}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
-        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception:  # a truncated, corrupt or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: not a whole checkpoint of these scripts (truncated, corrupt or foreign)")
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
     if script != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was written by {script}, not by {os.path.basename(__file__)}")
@@ -745,7 +766,22 @@ def restore(checkpoint, modules):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if checkpoint["rng"]["cuda"] and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+    print(f"resuming {checkpoint['run_name']} at global_step={checkpoint['loop']['global_step']}")
     return checkpoint["loop"]
+
+
+def finish(args, run_name, envs, writer, eval_return, global_step):
+    """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
+    checkpoint = f"runs/{run_name}/checkpoint.pt"
+    model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
+    if args.save_model:  # the final checkpoint is the model
+        shutil.copyfile(checkpoint, model)
+    envs.close()
+    writer.close()
+    minutes = (time.time() - START) / 60
+    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    videos = f"videos: videos/{run_name}; " if args.capture_video else ""
+    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
 
 
 def crossed(global_step, steps, every):

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -153,12 +154,25 @@ class Args:
     """the normalizer's variance, one value or one per stage: `cumulative` (the release's fix) or `legacy_batch_only` (FPO)"""
     obs_stats_timing: Tuple[Literal["rollout_consistent", "legacy_pre_update"], ...] = ("rollout_consistent",)
     """one value or one per stage: merge a batch into the normalizer after (`rollout_consistent`) or before the update on it"""
+    mask_time_limit_terminations: bool = False
+    """mask a termination on the time-limit step like a truncation (no advantage, no value error), as the release does"""
+    normalize_advantages_over_all_steps: bool = False
+    """normalize advantages over all of a minibatch's steps, masked ones too, with the population std (the release)"""
     kl_form: Literal["analytic", "moments"] = "analytic"
     """the penalty: `analytic` KL (the paper) or `moments`, mean mu^2 + mean sigma^2 (the released code; `kl_to_prior`)"""
     refine_from: Literal["last", "best"] = "last"
     """the stage's encoder that collects the refit data: the last (the paper) or the best-evaluated one (the release)"""
     decoder_steps: int = 0
     """if positive, Adam steps per refit on minibatches drawn with replacement instead of --decoder-epochs (the release)"""
+    refit_validation: Literal["epochs", "steps"] = "epochs"
+    """`epochs`: validate the refit every epoch on the first 65,536 held-out actions (obs std unbiased, >= 1e-6); `steps`
+    (the release): at step 0, 1 and every 100, on 8 fixed batches of 8,192 drawn with replacement (std + 1e-8)"""
+    refit_checkpoint_by: Literal["loss", "action-error"] = "loss"
+    """keep the refit's decoder with the lowest validation loss, or (`action-error`, the release's FM refits on FingerSpin
+    and FishSwim) the lowest error of 4,096 held-out actions decoded from fixed N(0, I) latents"""
+    chain_loss_weight: float = 0.0
+    """add this times the error of the whole decode of the encoder's own z against its action to the refit's training
+    and validation losses (the release's diffusion refits: 1e-3)"""
     stage_learning_rates: Tuple[float, ...] = ()
     """the encoder's learning rate per stage, the last repeating; empty: --learning-rate, then --learning-rate-later"""
     stage_ent_coefs: Tuple[float, ...] = ()
@@ -176,7 +190,8 @@ class Args:
                    non_negative="threads ent_coef vf_coef max_grad_norm gae_lambda")
         check_args(self, positive="""learning_rate_later clip_coef_later stage_weights refine_episodes refine_num_envs
                    decoder_epochs decoder_batch_size decoder_lr decoder_hidden stage_learning_rates""",  # GoRL's own
-                   non_negative="beta decoder_steps target_clip stage_ent_coefs stage_max_grad_norms stage_betas")
+                   non_negative="""beta decoder_steps target_clip stage_ent_coefs stage_max_grad_norms stage_betas
+                   chain_loss_weight""")
         segments = self.batch_size * self.num_minibatches
         if self.gae_lambda > 1:
             fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
@@ -218,12 +233,15 @@ def presets(env_id):
                   decoder_batch_size=1024)
     release_tasks = {
         "FingerTurnHard": dict(stage_betas=(5e-4, 1e-3, 1e-3, 1e-2), stage_max_grad_norms=(0.5, 1.0)),
-        "FishSwim": dict(obs_stats_accumulation=("legacy_batch_only",), obs_stats_timing=("legacy_pre_update",)),
+        "FingerSpin": dict(refit_checkpoint_by="action-error"),
+        "FishSwim": dict(obs_stats_accumulation=("legacy_batch_only",), obs_stats_timing=("legacy_pre_update",),
+                         refit_checkpoint_by="action-error"),
         "HopperStand": dict(decoder_hidden=64, target_clip=0.0),
         "WalkerWalk": dict(stage_betas=(5e-4, 3e-3), stage_max_grad_norms=(0.5, 1.0),
                            stage_learning_rates=(1e-3, 1e-3, 1e-3, 3e-4), stage_encoder_resets=("fresh", "prior-best")),
     }
     release = dict(gamma=0.95 if finger_spin else paper.gamma, kl_form="moments", refine_from="best",
+                   mask_time_limit_terminations=True, normalize_advantages_over_all_steps=True, refit_validation="steps",
                    decoder_steps=50_000, decoder_hidden=128, stage_betas=(5e-4, 1e-3), stage_encoder_resets=("fresh",))
     release = replace(paper, **{**release, **release_tasks.get(env_id, {})})  # a task's own settings win
     return {"paper": paper, "cpu": cpu, "release": release}
@@ -311,8 +329,11 @@ def to_segments(x, device):
     return torch.as_tensor(x, device=device).transpose(1, 2).flatten(0, 1)
 
 
-def normalize_advantages(advantages, mask):
-    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0."""
+def normalize_advantages(advantages, mask, over_all_steps=False):
+    """Zero mean and unit std over the steps with mask 1; the masked steps stay 0. `over_all_steps` (the release, upstream
+    FPO's ppo.py): over every step, the masked ones' zeros included, with the population std, and not masked again."""
+    if over_all_steps:
+        return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
     n = mask.sum().clamp(min=2)
     mean = advantages.sum() / n
     std = (((advantages - mean) * mask) ** 2).sum().div(n - 1).sqrt()
@@ -410,7 +431,7 @@ def ppo_update(agent, optimizer, segments, args):
             with torch.no_grad():  # GAE from the *current* critic in every minibatch, under stop-gradient (Brax PPO)
                 advantages, v_targets = compute_gae(segments["rewards"][idx], values, segments["terminations"][idx], mb_mask,
                                                     args.gamma, args.gae_lambda)
-                advantages = normalize_advantages(advantages, mb_mask)
+                advantages = normalize_advantages(advantages, mb_mask, args.normalize_advantages_over_all_steps)
 
             dist = agent.get_dist(mb_obs[:, :-1])
             logratio = dist.log_prob(segments["actions"][idx]).sum(-1) - segments["logprobs"][idx]
@@ -546,7 +567,11 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
     valids = []
     ended_episodes = []
     returns = []
+    shown = time.time()
     while len(returns) < num_episodes:
+        if time.time() - shown > 15:  # a refit's collection can take minutes: say where it is
+            print(f"  refit: {len(returns)} of {num_episodes} episodes collected", flush=True)
+            shown = time.time()
         obs = torch.as_tensor(next_obs, device=device)
         z = sample_z(obs)
         action = decoder(obs, z)
@@ -570,8 +595,9 @@ def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4) from fresh prior noise eps ~ N(0, I), never
     the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1), SAMPLES_PER_ACTION samples per action, to
     the pre-tanh actions clipped to +-`--target-clip`. 10% of the episodes are held out; the decoder with the lowest
-    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept.
-    Returns (decoder, mean train loss since the last validation, best validation loss)."""
+    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept;
+    `--refit-validation steps` validates as the release does. Returns (decoder, mean train loss since the last
+    validation, best validation loss)."""
     obs, action, z, episode_id = data
     if args.target_clip > 0:
         action = action.clamp(-args.target_clip, args.target_clip)
@@ -580,9 +606,20 @@ def fit_decoder(data, args, device):
     is_val = torch.isin(episode_id, val_episodes)
     train_idx = (~is_val).nonzero().squeeze(1)
     val_idx = is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
+    steps_schedule = args.refit_validation == "steps"
+    if steps_schedule:  # the release: 8 fixed batches of 8,192 held-out actions, drawn with replacement
+        held_out = is_val.nonzero().squeeze(1)
+        val_idx = held_out[torch.randint(len(held_out), (8 * 8192,), device=device)]
+    if args.refit_checkpoint_by == "action-error":  # the release: 4,096 held-out actions, evenly spaced, fixed latents
+        held_out = is_val.nonzero().squeeze(1)
+        endpoints = held_out[torch.linspace(0, len(held_out) - 1, 4096, device=device).long()]
+        endpoint_z = torch.randn(len(endpoints), action.shape[1], device=device)
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
-    decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
+    if steps_schedule:  # the release's population std + 1e-8
+        decoder.obs_std.copy_(obs[train_idx].std(0, unbiased=False) + 1e-8)
+    else:
+        decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
 
     def batch(idx):
@@ -594,10 +631,32 @@ def fit_decoder(data, args, device):
     steps_per_epoch = math.ceil(len(train_idx) / args.decoder_batch_size)
     total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
     validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
-    best_val = float("inf")
-    best_state = None
+    if steps_schedule:
+        validate_every = 100
+
+    def chain_loss(idx):
+        """The whole decode of the encoder's own z against its action (the release's diffusion `pairwise_loss`)."""
+        return ((decoder(obs[idx], z[idx]) - action[idx]) ** 2).mean()
+
+    def validation_loss():
+        with torch.no_grad():
+            if args.refit_checkpoint_by == "action-error":
+                return float(((decoder(obs[endpoints], endpoint_z) - action[endpoints]) ** 2).mean())
+            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
+            loss = float(torch.cat(chunks).mean())
+            if args.chain_loss_weight > 0:
+                loss += args.chain_loss_weight * float(chain_loss(val_idx))
+            return loss
+
+    best_val = validation_loss() if steps_schedule else float("inf")  # the release: the initial decoder is a candidate
+    best_state = copy.deepcopy(decoder.state_dict())
     losses = []
+    shown = time.time()
     for step in range(total_steps):
+        if time.time() - shown > 15:  # and so can its fit
+            print(f"  refit: {step} of {total_steps} Adam steps of the new decoder", flush=True)
+            shown = time.time()
         if args.decoder_steps:  # with replacement
             idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
         else:  # epochs: a new permutation of the training split every steps_per_epoch steps
@@ -605,17 +664,16 @@ def fit_decoder(data, args, device):
                 perm = train_idx[torch.randperm(len(train_idx), device=device)]
             idx = perm[(step % steps_per_epoch) * args.decoder_batch_size :][: args.decoder_batch_size]
         loss = decoder.loss(*batch(idx)).mean()
+        if args.chain_loss_weight > 0:  # gradients through all of the decoder's steps
+            loss = loss + args.chain_loss_weight * chain_loss(idx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps
+        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps or (steps_schedule and step == 0)
         if not validate:
             continue
-        with torch.no_grad():
-            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
-            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
-            val_loss = float(torch.cat(chunks).mean())
+        val_loss = validation_loss()
         train_loss = float(torch.stack(losses).mean())
         losses = []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
@@ -643,6 +701,8 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
     episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
     These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
     seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
+    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder",
+          flush=True)
     data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
                                                    args.refine_episodes, seed, device)
     loop["refine_steps"] += steps
@@ -738,7 +798,9 @@ def main(args):
                 next_obs, reward, terminated, truncated, valid, ended = envs.step(env_action.cpu().numpy())
                 rewards[unroll, t] = reward * args.reward_scale
                 terminations[unroll, t] = terminated
-                masks[unroll, t] = valid & ~(truncated & ~terminated)  # a termination on the time-limit step stays one
+                # A termination on the time-limit step stays one (GAE sees it), unless masked as the release does.
+                truncation = truncated if args.mask_time_limit_terminations else truncated & ~terminated
+                masks[unroll, t] = valid & ~truncation
                 step = global_step + (unroll * T + t + 1) * N
                 loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
@@ -793,15 +855,12 @@ def main(args):
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
             save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
 
-    if args.save_model:  # the final checkpoint is the model
-        shutil.copyfile(checkpoint_path, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-        print(f"model saved to runs/{run_name}/{args.exp_name}.cleanrl_model")
-    envs.close()
-    writer.close()
+    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
 EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
+START = time.time()  # the run's wall clock, setup included
 
 
 def fail(message):
@@ -839,8 +898,9 @@ def parse_args():
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
     description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
-    if saved:  # a saved run continues or is evaluated as it was; only these may change
+    if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
@@ -870,6 +930,8 @@ def setup(args, load_policy):
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
+        if video_path is not None:
+            print(f"video: {video_path}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -878,6 +940,8 @@ def setup(args, load_policy):
     if args.track:  # Weights and Biases reads the tensorboard logs
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
+    resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -1030,16 +1094,22 @@ def save_checkpoint(path, args, backend, run_name, modules, loop):
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
-    torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    try:
+        torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk, no permission: the last whole checkpoint is still there
+        last = f"the last complete one is {path}" if os.path.exists(path) else "no complete one was written"
+        fail(f"cannot write the checkpoint {path}.tmp ({str(e).splitlines()[0][:80]}); {last}")
 
 
 def load_checkpoint(path):
     """A checkpoint of this script, loaded without running code from it (weights_only); others are refused."""
+    if not os.path.isfile(path):
+        fail(f"cannot read checkpoint {path!r}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
-        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception:  # a truncated, corrupt or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: not a whole checkpoint of these scripts (truncated, corrupt or foreign)")
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
     if script != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was written by {script}, not by {os.path.basename(__file__)}")
@@ -1053,7 +1123,22 @@ def restore(checkpoint, modules):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if checkpoint["rng"]["cuda"] and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+    print(f"resuming {checkpoint['run_name']} at global_step={checkpoint['loop']['global_step']}")
     return checkpoint["loop"]
+
+
+def finish(args, run_name, envs, writer, eval_return, global_step):
+    """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
+    checkpoint = f"runs/{run_name}/checkpoint.pt"
+    model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
+    if args.save_model:  # the final checkpoint is the model
+        shutil.copyfile(checkpoint, model)
+    envs.close()
+    writer.close()
+    minutes = (time.time() - START) / 60
+    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    videos = f"videos: videos/{run_name}; " if args.capture_video else ""
+    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
 
 
 def crossed(global_step, steps, every):

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import types
@@ -139,6 +140,15 @@ class Args:
     """the learning rate of the decoder's Adam optimizer"""
     decoder_hidden: int = 64
     """the width of the decoder's 4 hidden layers"""
+    refit_validation: Literal["epochs", "steps"] = "epochs"
+    """`epochs`: validate the refit every epoch on the first 65,536 held-out actions (obs std unbiased, >= 1e-6); `steps`
+    (the release): at step 0, 1 and every 100, on 8 fixed batches of 8,192 drawn with replacement (std + 1e-8)"""
+    refit_checkpoint_by: Literal["loss", "action-error"] = "loss"
+    """keep the refit's decoder with the lowest validation loss, or (`action-error`, the release's FM refits on FingerSpin
+    and FishSwim) the lowest error of 4,096 held-out actions decoded from fixed N(0, I) latents"""
+    chain_loss_weight: float = 0.0
+    """add this times the error of the whole decode of the encoder's own z against its action to the refit's training
+    and validation losses (the release's diffusion refits: 1e-3)"""
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs buffer_size batch_size policy_lr q_lr utd_ratio
@@ -148,7 +158,7 @@ class Args:
             fail(f"--total-timesteps {self.total_timesteps} leaves no learning: it must exceed --learning-starts "
                  f"({self.learning_starts}) and be at least --num-envs ({self.num_envs})")
         check_args(self, positive="""stage_weights refine_episodes refine_num_envs decoder_epochs decoder_batch_size
-                   decoder_lr decoder_hidden""", non_negative="beta decoder_steps target_clip")  # GoRL's own
+                   decoder_lr decoder_hidden""", non_negative="beta decoder_steps target_clip chain_loss_weight")  # GoRL's own
         if not self.stage_weights or len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
             fail(f"--stage-weights takes values, --refine-episodes at least 2 and --refine-num-envs ({self.refine_num_envs})")
         if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) <= self.learning_starts:
@@ -500,7 +510,11 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
     valids = []
     ended_episodes = []
     returns = []
+    shown = time.time()
     while len(returns) < num_episodes:
+        if time.time() - shown > 15:  # a refit's collection can take minutes: say where it is
+            print(f"  refit: {len(returns)} of {num_episodes} episodes collected", flush=True)
+            shown = time.time()
         obs = torch.as_tensor(next_obs, device=device)
         z = sample_z(obs)
         action = decoder(obs, z)
@@ -524,8 +538,9 @@ def fit_decoder(data, args, device):
     """Trains a new decoder from scratch on the refinement data (paper Eq. 4) from fresh prior noise eps ~ N(0, I), never
     the encoder's z (`--refine-input latent` is the ablation of Sec. 4.3.1), SAMPLES_PER_ACTION samples per action, to
     the pre-tanh actions clipped to +-`--target-clip`. 10% of the episodes are held out; the decoder with the lowest
-    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept.
-    Returns (decoder, mean train loss since the last validation, best validation loss)."""
+    validation loss (fixed noise), checked every epoch (or every 2% of --decoder-steps with replacement), is kept;
+    `--refit-validation steps` validates as the release does. Returns (decoder, mean train loss since the last
+    validation, best validation loss)."""
     obs, action, z, episode_id = data
     if args.target_clip > 0:
         action = action.clamp(-args.target_clip, args.target_clip)
@@ -534,9 +549,20 @@ def fit_decoder(data, args, device):
     is_val = torch.isin(episode_id, val_episodes)
     train_idx = (~is_val).nonzero().squeeze(1)
     val_idx = is_val.nonzero().squeeze(1)[:VAL_ACTIONS]
+    steps_schedule = args.refit_validation == "steps"
+    if steps_schedule:  # the release: 8 fixed batches of 8,192 held-out actions, drawn with replacement
+        held_out = is_val.nonzero().squeeze(1)
+        val_idx = held_out[torch.randint(len(held_out), (8 * 8192,), device=device)]
+    if args.refit_checkpoint_by == "action-error":  # the release: 4,096 held-out actions, evenly spaced, fixed latents
+        held_out = is_val.nonzero().squeeze(1)
+        endpoints = held_out[torch.linspace(0, len(held_out) - 1, 4096, device=device).long()]
+        endpoint_z = torch.randn(len(endpoints), action.shape[1], device=device)
     decoder = Decoder(obs.shape[1], action.shape[1], args.decoder_hidden).to(device)
     decoder.obs_mean.copy_(obs[train_idx].mean(0))
-    decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
+    if steps_schedule:  # the release's population std + 1e-8
+        decoder.obs_std.copy_(obs[train_idx].std(0, unbiased=False) + 1e-8)
+    else:
+        decoder.obs_std.copy_(obs[train_idx].std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
 
     def batch(idx):
@@ -548,10 +574,32 @@ def fit_decoder(data, args, device):
     steps_per_epoch = math.ceil(len(train_idx) / args.decoder_batch_size)
     total_steps = args.decoder_steps or args.decoder_epochs * steps_per_epoch
     validate_every = max(1, total_steps // 50) if args.decoder_steps else steps_per_epoch
-    best_val = float("inf")
-    best_state = None
+    if steps_schedule:
+        validate_every = 100
+
+    def chain_loss(idx):
+        """The whole decode of the encoder's own z against its action (the release's diffusion `pairwise_loss`)."""
+        return ((decoder(obs[idx], z[idx]) - action[idx]) ** 2).mean()
+
+    def validation_loss():
+        with torch.no_grad():
+            if args.refit_checkpoint_by == "action-error":
+                return float(((decoder(obs[endpoints], endpoint_z) - action[endpoints]) ** 2).mean())
+            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
+            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
+            loss = float(torch.cat(chunks).mean())
+            if args.chain_loss_weight > 0:
+                loss += args.chain_loss_weight * float(chain_loss(val_idx))
+            return loss
+
+    best_val = validation_loss() if steps_schedule else float("inf")  # the release: the initial decoder is a candidate
+    best_state = copy.deepcopy(decoder.state_dict())
     losses = []
+    shown = time.time()
     for step in range(total_steps):
+        if time.time() - shown > 15:  # and so can its fit
+            print(f"  refit: {step} of {total_steps} Adam steps of the new decoder", flush=True)
+            shown = time.time()
         if args.decoder_steps:  # with replacement
             idx = train_idx[torch.randint(len(train_idx), (args.decoder_batch_size,), device=device)]
         else:  # epochs: a new permutation of the training split every steps_per_epoch steps
@@ -559,17 +607,16 @@ def fit_decoder(data, args, device):
                 perm = train_idx[torch.randperm(len(train_idx), device=device)]
             idx = perm[(step % steps_per_epoch) * args.decoder_batch_size :][: args.decoder_batch_size]
         loss = decoder.loss(*batch(idx)).mean()
+        if args.chain_loss_weight > 0:  # gradients through all of the decoder's steps
+            loss = loss + args.chain_loss_weight * chain_loss(idx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps
+        validate = (step + 1) % validate_every == 0 or step + 1 == total_steps or (steps_schedule and step == 0)
         if not validate:
             continue
-        with torch.no_grad():
-            starts = range(0, len(val_batch[0]), VAL_ACTIONS)  # chunks bound the memory
-            chunks = [decoder.loss(*(x[i : i + VAL_ACTIONS] for x in val_batch)) for i in starts]
-            val_loss = float(torch.cat(chunks).mean())
+        val_loss = validation_loss()
         train_loss = float(torch.stack(losses).mean())
         losses = []
         if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
@@ -587,6 +634,8 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
     episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
     These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
     seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
+    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder",
+          flush=True)
     data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
                                                    args.refine_episodes, seed, device)
     loop["refine_steps"] += steps
@@ -730,15 +779,12 @@ def main(args):
             save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 
-    if args.save_model:  # the final checkpoint is the model
-        shutil.copyfile(checkpoint_path, f"runs/{run_name}/{args.exp_name}.cleanrl_model")
-        print(f"model saved to runs/{run_name}/{args.exp_name}.cleanrl_model")
-    envs.close()
-    writer.close()
+    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
 EVAL_SEED_OFFSET = 100_000  # evaluation envs are seeded seed + this: episodes the training envs never see
+START = time.time()  # the run's wall clock, setup included
 
 
 def fail(message):
@@ -776,8 +822,9 @@ def parse_args():
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
     description = f"{__doc__}\nThe defaults below are {source}'s; beyond the paper's it sets: {changes}."
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
-    if saved:  # a saved run continues or is evaluated as it was; only these may change
+    if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
+        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
@@ -807,6 +854,8 @@ def setup(args, load_policy):
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
         print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
+        if video_path is not None:
+            print(f"video: {video_path}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -815,6 +864,8 @@ def setup(args, load_policy):
     if args.track:  # Weights and Biases reads the tensorboard logs
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
+    resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -967,16 +1018,22 @@ def save_checkpoint(path, args, backend, run_name, modules, loop):
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
-    torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    try:
+        torch.save({**checkpoint, **{name: module.state_dict() for name, module in modules.items()}}, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk, no permission: the last whole checkpoint is still there
+        last = f"the last complete one is {path}" if os.path.exists(path) else "no complete one was written"
+        fail(f"cannot write the checkpoint {path}.tmp ({str(e).splitlines()[0][:80]}); {last}")
 
 
 def load_checkpoint(path):
     """A checkpoint of this script, loaded without running code from it (weights_only); others are refused."""
+    if not os.path.isfile(path):
+        fail(f"cannot read checkpoint {path!r}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: unpickling errors have no common type
-        fail(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception:  # a truncated, corrupt or foreign file: unpickling errors have no common type
+        fail(f"cannot read checkpoint {path!r}: not a whole checkpoint of these scripts (truncated, corrupt or foreign)")
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else "something else"
     if script != os.path.basename(__file__):
         fail(f"checkpoint {path!r} was written by {script}, not by {os.path.basename(__file__)}")
@@ -990,7 +1047,22 @@ def restore(checkpoint, modules):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if checkpoint["rng"]["cuda"] and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+    print(f"resuming {checkpoint['run_name']} at global_step={checkpoint['loop']['global_step']}")
     return checkpoint["loop"]
+
+
+def finish(args, run_name, envs, writer, eval_return, global_step):
+    """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
+    checkpoint = f"runs/{run_name}/checkpoint.pt"
+    model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
+    if args.save_model:  # the final checkpoint is the model
+        shutil.copyfile(checkpoint, model)
+    envs.close()
+    writer.close()
+    minutes = (time.time() - START) / 60
+    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    videos = f"videos: videos/{run_name}; " if args.capture_video else ""
+    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
 
 
 def crossed(global_step, steps, every):

@@ -2,6 +2,7 @@
 every backend that has it, unbounded actuators, time limits, termination vs truncation, Gymnasium ids on EnvPool."""
 import ast
 import os
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -172,13 +173,24 @@ def test_gymnasium_time_limit_comes_from_the_env_that_runs_it(capsys):
 
 # ---------------------------------------------------------------- item 3: termination on the time-limit step
 def mask_expressions():
-    """The expression each PPO-family main loop assigns to `masks[unroll, t]`, compiled, by script."""
+    """{script: mask(valid, terminated, truncated, release)}: the two statements each PPO-family main loop runs to set
+    `masks[unroll, t]` (the truncation it masks, then the mask), compiled from the script and run on the given flags."""
     out = {}
     for name in PPO_FAMILY:
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
-        found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(ast.unparse(t) == "masks[unroll, t]" for t in n.targets)]
-        assert len(found) == 1, name
-        out[name] = compile(ast.Expression(found[0]), name, "eval")
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(ast.unparse(t) in ("truncation", "masks[unroll, t]")
+                                                                                for t in n.targets)]
+        assert [ast.unparse(n.targets[0]) for n in found] == ["truncation", "masks[unroll, t]"], name
+        statements = ast.Module([found[0], ast.Assign([ast.Name("mask", ast.Store())], found[1].value)], [])
+        code = compile(ast.fix_missing_locations(statements), name, "exec")
+
+        def mask(valid, terminated, truncated, release=False, code=code):
+            namespace = {"valid": valid, "terminated": terminated, "truncated": truncated,
+                         "args": types.SimpleNamespace(mask_time_limit_terminations=release)}
+            exec(code, {}, namespace)
+            return namespace["mask"]
+
+        out[name] = mask
     return out
 
 
@@ -206,11 +218,14 @@ def test_termination_on_the_time_limit_step_stays_a_termination():
         (True, True, True): 1.0, (True, False, True): 0.0, (True, True, False): 1.0, (True, False, False): 1.0,
         (False, False, False): 0.0, (False, True, True): 0.0,
     }
-    for name, expression in mask_expressions().items():
-        assert float(eval(expression, {}, {"valid": valid, "terminated": terminated, "truncated": truncated})[0]) == 1.0, name
+    for name, mask in mask_expressions().items():
+        assert float(mask(valid, terminated, truncated)[0]) == 1.0, name
+        assert float(mask(valid, terminated, truncated, release=True)[0]) == 0.0, name  # --mask-time-limit-terminations
         for (v, te, tr), want in cases.items():
-            got = eval(expression, {}, {"valid": np.array([v]), "terminated": np.array([te]), "truncated": np.array([tr])})
-            assert float(got[0]) == want, (name, v, te, tr)
+            assert float(mask(np.array([v]), np.array([te]), np.array([tr]))[0]) == want, (name, v, te, tr)
+            # The release masks every truncation, the time-limit step's termination too; the rest is the same.
+            want = 0.0 if tr else want
+            assert float(mask(np.array([v]), np.array([te]), np.array([tr]), release=True)[0]) == want, (name, v, te, tr)
 
 
 @needs_envpool

@@ -201,7 +201,8 @@ class LossSpy:
 
 
 def refit_args(**kw):
-    args = dict(refine_input="prior", decoder_hidden=32, decoder_lr=1e-3, decoder_epochs=3, decoder_batch_size=256, decoder_steps=0, target_clip=3.0)
+    args = dict(refine_input="prior", decoder_hidden=32, decoder_lr=1e-3, decoder_epochs=3, decoder_batch_size=256, decoder_steps=0, target_clip=3.0,
+                refit_validation="epochs", refit_checkpoint_by="loss", chain_loss_weight=0.0)
     args.update(kw)
     return types.SimpleNamespace(**args)
 

@@ -89,7 +89,8 @@ def test_kl_to_prior_is_analytic_and_pulls_to_standard_normal(decoder_script):
 def fit(m, obs, action, epochs=40):
     torch.manual_seed(0)
     args = types.SimpleNamespace(refine_input="prior", decoder_hidden=64, decoder_lr=1e-3, decoder_epochs=epochs, decoder_batch_size=512,
-                                 decoder_steps=0, target_clip=3.0)
+                                 decoder_steps=0, target_clip=3.0, refit_validation="epochs", refit_checkpoint_by="loss",
+                                 chain_loss_weight=0.0)
     episode = torch.arange(len(obs)) // 100  # 100-step "episodes"; 10% of them are held out
     return m.fit_decoder((obs, action, torch.zeros_like(action), episode), args, torch.device("cpu"))
 

@@ -76,9 +76,18 @@ def test_release_preset_is_each_tasks_released_run(monkeypatch):
     stages, _ = per_stage("gorl_ppo_diff.py", "FishSwim", monkeypatch)
     assert [stage[2] for stage in stages] == [0.01, 0.01, 0.01, 0.005]
     assert parse("gorl_ppo_diff.py", ["release", "--env-id", "FingerSpin"], monkeypatch)["gamma"] == 0.95
+    for task, by in [("FingerSpin", "action-error"), ("FishSwim", "action-error"), ("CheetahRun", "loss")]:
+        assert parse("gorl_ppo_fm.py", ["release", "--env-id", task], monkeypatch)["refit_checkpoint_by"] == by, task
+    diff = parse("gorl_ppo_diff.py", ["release", "--env-id", "CheetahRun"], monkeypatch)
+    assert (diff["chain_loss_weight"], diff["refit_validation"], diff["refit_checkpoint_by"]) == (1e-3, "steps", "loss")
     ppo = parse("ppo_gaussian.py", ["release", "--env-id", "CheetahRun"], monkeypatch)
     assert ppo["tanh_entropy_correction"] and ppo["obs_stats_accumulation"] == "legacy_batch_only"
     assert parse("dppo.py", ["release", "--env-id", "CheetahRun"], monkeypatch)["clip_coef"] == 0.2
+    for name in ["ppo_gaussian.py", "fpo.py", "dppo.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py"]:  # the release's rollouts, updates
+        release = parse(name, ["release", "--env-id", "HopperStand"], monkeypatch)
+        assert release["mask_time_limit_terminations"] and release["normalize_advantages_over_all_steps"], name
+        paper = parse(name, ["--env-id", "HopperStand"], monkeypatch)
+        assert not paper["mask_time_limit_terminations"] and not paper["normalize_advantages_over_all_steps"], name
 
 
 def test_help_names_the_preset_and_what_it_sets(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_main, load_script, only_run_dir, read_scalars, run_inprocess
+from conftest import has_envpool, run_main, load_script, only_run_dir, read_scalars, run_inprocess
 
 BASELINES = ["ppo_gaussian.py", "fpo.py", "dppo.py"]
 FAST_ENV = ["--env-id", "InvertedPendulum-v5", "--env-backend", "dm_control", "--num-eval-envs", "1", "--eval-every", "100000"]
@@ -196,3 +196,116 @@ def test_entropy_coefficient_of_the_later_stages(tmp_path, monkeypatch):
     assert g["args"].ent_coef == 3.0
     rest = g["loss"] - (g["pg_loss"] + g["v_loss"] + g["args"].beta * g["latent_kl"])
     torch.testing.assert_close(rest, -3.0 * g["entropy"])
+
+
+# ---------------------------------------------------------------- advantages normalized over every step
+PPO_FAMILY = ["ppo_gaussian.py", "gorl_ppo_fm.py", "gorl_ppo_diff.py", "fpo.py", "dppo.py"]
+
+
+@pytest.mark.parametrize("name", PPO_FAMILY)
+def test_advantage_normalization_over_all_steps_counts_the_masked_ones(name):
+    m = load_script(name)
+    advantages = torch.tensor([[1.0, 2.0, 0.0, 5.0], [3.0, 0.0, -1.0, 2.0]])  # the masked steps' advantages are already 0
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0]])
+    paper = m.normalize_advantages(advantages, mask)
+    valid = advantages[mask == 1]
+    torch.testing.assert_close(paper[mask == 1], (valid - valid.mean()) / (valid.std() + 1e-8))  # unbiased, valid steps
+    assert (paper[mask == 0] == 0).all()
+    release = m.normalize_advantages(advantages, mask, over_all_steps=True)
+    torch.testing.assert_close(release, (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8))
+    assert (release[mask == 0] != 0).all()  # the masked steps take part in the surrogate
+
+
+@pytest.mark.skipif(not has_envpool(), reason="EnvPool's reset steps are the masked steps here")
+@pytest.mark.parametrize("name", PPO_FAMILY)
+def test_the_update_normalizes_as_the_flag_says(tmp_path, monkeypatch, name):
+    # Hopper falls within tens of steps under a random policy, and EnvPool's reset step after each fall is masked.
+    args = ["--env-id", "Hopper-v5", "--env-backend", "envpool", "--num-envs", "4", "--unroll-length", "16", "--batch-size", "8",
+            "--num-minibatches", "1", "--update-epochs", "1", "--num-eval-envs", "1", "--eval-every", "100000",
+            "--total-timesteps", "128", *(["--stage-weights", "1"] if "gorl" in name else [])]
+    for flag, masked_zero in [([], True), (["--normalize-advantages-over-all-steps"], False)]:
+        (tmp_path / str(masked_zero)).mkdir()
+        u = run_main(name, [*args, *flag], tmp_path / str(masked_zero), monkeypatch)["update"]
+        advantages = u["advantages"][..., -1] if u["advantages"].dim() == 3 else u["advantages"]  # FPO, DPPO: per sample/step
+        assert (u["mb_mask"] == 0).any(), "precondition: the minibatch has masked steps"
+        assert bool((advantages[u["mb_mask"] == 0] == 0).all()) == masked_zero, (name, flag)
+
+
+# ---------------------------------------------------------------- the refit's validation
+@pytest.mark.parametrize("name", ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"])
+def test_release_refit_validation_keeps_the_initial_decoder_when_nothing_beats_it(name):
+    """A refit whose training only makes the decoder worse (a huge learning rate): the release's validation (`steps`)
+    has the initial decoder among its candidates and keeps it; per-epoch validation never does."""
+    import types
+
+    m = load_script(name)
+    torch.manual_seed(0)
+    episodes = 20
+    obs = torch.randn(episodes * 50, 5)
+    action = torch.randn(episodes * 50, 2) * 0.1
+    data = (obs, action, torch.randn_like(action), torch.arange(episodes).repeat_interleave(50))
+    kept = {}
+    for schedule in ["epochs", "steps"]:
+        args = types.SimpleNamespace(target_clip=3.0, decoder_hidden=16, decoder_lr=50.0, refine_input="prior", decoder_steps=0,
+                                     decoder_epochs=3, decoder_batch_size=64, refit_validation=schedule,
+                                     refit_checkpoint_by="loss", chain_loss_weight=0.0)
+        torch.manual_seed(1)
+        decoder, _, _ = m.fit_decoder(data, args, "cpu")
+        kept[schedule] = decoder.net[-1].weight.abs().sum().item()  # the initial decoder's last layer is zero
+    assert kept["steps"] == 0.0 and kept["epochs"] > 0.0, kept
+
+
+def refit_data(episodes=20, steps=50):
+    torch.manual_seed(0)
+    obs = torch.randn(episodes * steps, 5)
+    action = torch.tanh(obs[:, :2]) + 0.05 * torch.randn(episodes * steps, 2)  # a function of the state
+    return obs, action, torch.randn_like(action), torch.arange(episodes).repeat_interleave(steps)
+
+
+def refit_args(**overrides):
+    import types
+
+    return types.SimpleNamespace(**{"target_clip": 3.0, "decoder_hidden": 32, "decoder_lr": 3e-3, "refine_input": "prior",
+                                    "decoder_steps": 0, "decoder_epochs": 4, "decoder_batch_size": 64, "refit_validation": "epochs",
+                                    "refit_checkpoint_by": "loss", "chain_loss_weight": 0.0, **overrides})
+
+
+@pytest.mark.parametrize("name", ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"])
+def test_chain_loss_fits_the_decode_of_the_encoders_own_latents(name):
+    """The release's diffusion refits add the error of the whole decode of the encoder's z: with it the decoder maps
+    those z to their actions far better than the prior-noise loss alone does."""
+    m = load_script(name)
+    obs, _, z, episode = refit_data()
+    action = -0.5 * z  # the encoder's latent decides the action, mirrored: the prior-noise fit alone learns z -> +0.5 z
+    errors = {}
+    for weight in [0.0, 1.0]:
+        torch.manual_seed(1)
+        decoder, _, _ = m.fit_decoder((obs, action, z, episode), refit_args(chain_loss_weight=weight), "cpu")
+        with torch.no_grad():
+            errors[weight] = ((decoder(obs, z) - action) ** 2).mean().item()
+    assert errors[1.0] < 0.7 * errors[0.0], errors
+
+
+@pytest.mark.parametrize("name", ["gorl_ppo_fm.py", "gorl_ppo_diff.py", "gorl_sac_diff.py"])
+def test_action_error_checkpoint_keeps_the_decoder_whose_decoded_actions_are_closest(name, monkeypatch):
+    """`--refit-checkpoint-by action-error` ranks the validated decoders by their decoded held-out actions: a decoder
+    made to decode a chosen constant at each validation is kept at the validation whose constant is closest to them."""
+    m = load_script(name)
+    obs, _, z, episode = refit_data()
+    action = torch.zeros(len(obs), 2)  # so a decoder that outputs c has the action error c^2
+    constants = iter([3.0, 2.0, 0.5, 1.0])  # one per validation (4 epochs): the third is the best
+    original = m.Decoder.forward
+
+    def forward(self, o, latent):
+        if torch.is_grad_enabled():  # training passes (the chain loss is off here): the real decoder
+            return original(self, o, latent)
+        return torch.full_like(latent, next(constants))
+
+    monkeypatch.setattr(m.Decoder, "forward", forward)
+    torch.manual_seed(1)
+    _, _, best = m.fit_decoder((obs, action, z, episode), refit_args(refit_checkpoint_by="action-error"), "cpu")
+    assert best == pytest.approx(0.25), best
+    constants = iter([3.0, 2.0, 0.5, 1.0])
+    torch.manual_seed(1)
+    _, _, best = m.fit_decoder((obs, action, z, episode), refit_args(), "cpu")
+    assert best != pytest.approx(0.25) and next(constants) == 3.0  # the loss ranks them, and never decodes
