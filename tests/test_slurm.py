@@ -186,7 +186,7 @@ def test_a_tiny_grid_runs_on_slurm_and_a_second_submission_submits_nothing(tmp_p
         while subprocess.run(["squeue", "-h", "-n", f"benchmark_{study}"], capture_output=True, text=True).stdout.strip():
             assert time.time() < deadline, "the array did not finish in 15 minutes"
             time.sleep(3)
-        status = subprocess.run([*bench, "--status"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        status = subprocess.run([*bench[:2], "--status", *bench[2:]], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert f"{study}: 4 runs, 4 done" in status.stdout, status.stdout + status.stderr
         csvs = sorted(os.listdir(tmp_path / "results" / study))
         assert csvs == [f"CartpoleBalance__{s}__{seed}.csv" for s in ["fpo", "ppo_gaussian"] for seed in [1, 2]], csvs
