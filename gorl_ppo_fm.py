@@ -183,6 +183,9 @@ class Args:
     """the KL-to-prior coefficient per stage, the last repeating; empty: --beta in every stage"""
     stage_encoder_resets: Tuple[Literal["prior", "prior-best", "fresh", "warm", "none"], ...] = ()
     """the encoder at each stage start (stage 0 included), the last repeating (`reset_encoder`); empty: --encoder-reset"""
+    evals_per_stage: int = 0
+    """if positive, evaluate at each stage's start and this many - 1 times evenly across it, the start a candidate for the
+    stage's best encoder (the release: 10); 0: every --eval-every steps and at each stage end"""
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
@@ -191,7 +194,7 @@ class Args:
         check_args(self, positive="""learning_rate_later clip_coef_later stage_weights refine_episodes refine_num_envs
                    decoder_epochs decoder_batch_size decoder_lr decoder_hidden stage_learning_rates""",  # GoRL's own
                    non_negative="""beta decoder_steps target_clip stage_ent_coefs stage_max_grad_norms stage_betas
-                   chain_loss_weight""")
+                   chain_loss_weight evals_per_stage""")
         segments = self.batch_size * self.num_minibatches
         if self.gae_lambda > 1:
             fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
@@ -240,7 +243,7 @@ def presets(env_id):
         "WalkerWalk": dict(stage_betas=(5e-4, 3e-3), stage_max_grad_norms=(0.5, 1.0),
                            stage_learning_rates=(1e-3, 1e-3, 1e-3, 3e-4), stage_encoder_resets=("fresh", "prior-best")),
     }
-    release = dict(gamma=0.95 if finger_spin else paper.gamma, kl_form="moments", refine_from="best",
+    release = dict(gamma=0.95 if finger_spin else paper.gamma, kl_form="moments", refine_from="best", evals_per_stage=10,
                    mask_time_limit_terminations=True, normalize_advantages_over_all_steps=True, refit_validation="steps",
                    decoder_steps=50_000, decoder_hidden=128, stage_betas=(5e-4, 1e-3), stage_encoder_resets=("fresh",))
     release = replace(paper, **{**release, **release_tasks.get(env_id, {})})  # a task's own settings win
@@ -373,6 +376,23 @@ def stage_settings(args, stage):
     settings.obs_stats_accumulation = pick(args.obs_stats_accumulation, None)
     settings.obs_stats_timing = pick(args.obs_stats_timing, None)
     return settings
+
+
+def release_evaluations(stage_ends, evals_per_stage):
+    """The iterations after which the release evaluates (`--evals-per-stage`): in each stage of n iterations, after its
+    iterations 1, ..., n spread evenly, which with the evaluation at the stage's start make evals_per_stage."""
+    iterations = set()
+    for start, end in zip([0, *stage_ends[:-1]], stage_ends):
+        iterations |= {start + int(x) for x in np.linspace(1, end - start, max(evals_per_stage - 1, 0))}
+    return iterations
+
+
+def remember_best(best, mean, agent, obs_rms):
+    """Keeps the stage's best-evaluated encoder with its normalizer (--refine-from best, the release's restarts)."""
+    if mean > best["return"]:
+        best["return"] = mean
+        best["agent"].load_state_dict(agent.state_dict())
+        best["obs_rms"].load_state_dict(obs_rms.state_dict())
 
 
 class Sample(NamedTuple):
@@ -719,6 +739,7 @@ def eval_after_refit(policy, args, backend, device, writer, loop):
     refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
     writer.add_scalar("gorl/eval_after_refit", refit_return, loop["global_step"])
     print(f"stage {loop['stage']} starts: eval before the refit {loop['eval_return']:.1f}, after {refit_return:.1f}")
+    return refit_return
 
 
 def main(args):
@@ -727,6 +748,7 @@ def main(args):
     stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights]
     stage_ends = list(np.cumsum([steps // steps_per_iteration for steps in stage_steps]))  # the last iteration of each
     num_iterations = stage_ends[-1]
+    evaluations = release_evaluations(stage_ends, args.evals_per_stage)  # empty: every --eval-every steps
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
@@ -755,10 +777,7 @@ def main(args):
         policy = eval_policy(agent, obs_rms, decoder)
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        if mean > best["return"]:
-            best["return"] = mean
-            best["agent"].load_state_dict(agent.state_dict())
-            best["obs_rms"].load_state_dict(obs_rms.state_dict())
+        remember_best(best, mean, agent, obs_rms)
         return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
@@ -830,7 +849,8 @@ def main(args):
         log_scalars(writer, {"gorl/stage": loop["stage"], "gorl/beta": settings.beta, "charts/clip_coef": settings.clip_coef,
                              "charts/ent_coef": settings.ent_coef, "charts/max_grad_norm": settings.max_grad_norm},
                     global_step)
-        if crossed(global_step, steps_per_iteration, args.eval_every) or iteration in stage_ends:
+        due = iteration in evaluations if args.evals_per_stage else crossed(global_step, steps_per_iteration, args.eval_every)
+        if due or iteration in stage_ends:
             loop["eval_return"] = eval_and_log(global_step)  # GoRL also evaluates at every stage end
         eta = (num_iterations - iteration) * loop["train_time"] / iteration
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
@@ -839,8 +859,7 @@ def main(args):
         if iteration in stage_ends[:-1]:
             # Phase 2, decoder refinement: the stage's last (or best) encoder collects the data, a new decoder is fit.
             encoder = best if settings.refine_from == "best" else {"agent": agent, "obs_rms": obs_rms}
-            encoder_eval = best["return"] if encoder is best else loop["eval_return"]
-            writer.add_scalar("gorl/refine_encoder_eval", encoder_eval, global_step)
+            writer.add_scalar("gorl/refine_encoder_eval", encoder.get("return", loop["eval_return"]), global_step)
             decoder = refine_decoder(lambda x: encoder["agent"].act(encoder["obs_rms"](x)).action, decoder, args, backend,
                                      device, writer, loop)
             # Stage-wise re-initialization: the next stage's encoder restarts against the new decoder.
@@ -849,7 +868,9 @@ def main(args):
             agent, obs_rms, optimizer = restart_encoder(agent, obs_rms, optimizer, best, settings)
             modules.update(agent=agent, optimizer=optimizer, obs_rms=obs_rms, decoder=decoder)
             best["return"] = -float("inf")
-            eval_after_refit(eval_policy(agent, obs_rms, decoder), args, backend, device, writer, loop)
+            refit_return = eval_after_refit(eval_policy(agent, obs_rms, decoder), args, backend, device, writer, loop)
+            if args.evals_per_stage:  # the release also evaluates a stage's start: its encoder is a candidate for best
+                remember_best(best, refit_return, agent, obs_rms)
         loop["best_return"] = best["return"]
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration in stage_ends:
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones

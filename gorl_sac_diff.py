@@ -652,6 +652,7 @@ def eval_after_refit(policy, args, backend, device, writer, loop):
     refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
     writer.add_scalar("gorl/eval_after_refit", refit_return, loop["global_step"])
     print(f"stage {loop['stage']} starts: eval before the refit {loop['eval_return']:.1f}, after {refit_return:.1f}")
+    return refit_return
 
 
 def main(args):

@@ -80,6 +80,8 @@ def test_release_preset_is_each_tasks_released_run(monkeypatch):
         assert parse("gorl_ppo_fm.py", ["release", "--env-id", task], monkeypatch)["refit_checkpoint_by"] == by, task
     diff = parse("gorl_ppo_diff.py", ["release", "--env-id", "CheetahRun"], monkeypatch)
     assert (diff["chain_loss_weight"], diff["refit_validation"], diff["refit_checkpoint_by"]) == (1e-3, "steps", "loss")
+    assert diff["evals_per_stage"] == 10 and parse("gorl_ppo_fm.py", ["release", "--env-id", "HopperStand"], monkeypatch)[
+        "evals_per_stage"] == 10
     ppo = parse("ppo_gaussian.py", ["release", "--env-id", "CheetahRun"], monkeypatch)
     assert ppo["tanh_entropy_correction"] and ppo["obs_stats_accumulation"] == "legacy_batch_only"
     assert parse("dppo.py", ["release", "--env-id", "CheetahRun"], monkeypatch)["clip_coef"] == 0.2

@@ -309,3 +309,24 @@ def test_action_error_checkpoint_keeps_the_decoder_whose_decoded_actions_are_clo
     torch.manual_seed(1)
     _, _, best = m.fit_decoder((obs, action, z, episode), refit_args(), "cpu")
     assert best != pytest.approx(0.25) and next(constants) == 3.0  # the loss ranks them, and never decodes
+
+
+# ---------------------------------------------------------------- the release's evaluation schedule
+def test_evals_per_stage_evaluates_across_each_stage_and_the_restarted_encoder_can_be_the_best(tmp_path, capsys, monkeypatch):
+    # 2 stages of 4 iterations of 16 steps. --evals-per-stage 3: the start (step 0; later, right after the refit) and
+    # after iterations 1 and 4 of each stage, so evaluations at steps 0, 16, 64 | 80, 128; off: 0, 64 | 128. Stage 1
+    # trains at a learning rate of 1e-30: its encoder moves by ~1e-30, so every evaluation of stage 1 returns what the
+    # restarted encoder (last layer exactly 0) returns, and the first candidate stays the stage's best.
+    common = [*TINY_GORL, "--total-timesteps", "128", "--stage-weights", "1", "1", "--save-model", "--stage-learning-rates", "1e-3",
+              "1e-30"]
+    models = {}
+    for flags in [[], ["--evals-per-stage", "3"]]:
+        (tmp_path / str(len(flags))).mkdir()
+        s, run_dir = run("gorl_ppo_fm.py", [*common, *flags], tmp_path / str(len(flags)), capsys, monkeypatch)
+        models[len(flags)] = (s, torch.load(os.path.join(run_dir, "gorl_ppo_fm.cleanrl_model"), weights_only=True))
+    (s_off, off), (s_on, on) = models[0], models[2]
+    assert [step for step, _ in s_off["eval/episodic_return"]] == [0, 64, 128]
+    assert [step for step, _ in s_on["eval/episodic_return"]] == [0, 16, 64, 80, 128]
+    assert on["loop"]["best_return"] == pytest.approx(s_on["gorl/eval_after_refit"][0][1])
+    assert (on["best_agent"]["actor.8.weight"] == 0).all()  # the restarted encoder, kept as the best
+    assert (off["best_agent"]["actor.8.weight"] != 0).any()  # off: stage 1's first candidate is its end, after updates
