@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import signal
@@ -63,7 +64,7 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
+    """write `runs/{run_name}/checkpoint.pt` every this many steps (default: a tenth of the run) and at the end; 0: none"""
     resume: Optional[str] = None
     """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
@@ -114,15 +115,17 @@ class Args:
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
-                   learning_rate clip_coef reward_scale eval_every num_eval_envs checkpoint_every""", unit="gamma",
-                   non_negative="threads vf_coef max_grad_norm gae_lambda")
+                   learning_rate clip_coef reward_scale eval_every num_eval_envs""", unit="gamma",
+                   non_negative="checkpoint_every threads vf_coef max_grad_norm gae_lambda")
         check_args(self, positive="flow_steps samples_per_action")  # FPO's own
         segments = self.batch_size * self.num_minibatches
         if self.gae_lambda > 1:
             fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
         if segments % self.num_envs:
+            step = self.num_envs // math.gcd(self.num_envs, self.num_minibatches)
             fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
-                 f"({self.num_envs}), so every env contributes whole segments")
+                 f"({self.num_envs}), so every env contributes whole segments: --batch-size "
+                 f"{math.ceil(self.batch_size / step) * step} works")
         if self.total_timesteps < segments * self.unroll_length:
             fail(f"--total-timesteps {self.total_timesteps} is smaller than one iteration ({segments} segments of "
                  f"{self.unroll_length} steps = {segments * self.unroll_length})")
@@ -386,8 +389,8 @@ def main(args):
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
     num_iterations = args.total_timesteps // steps_per_iteration
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
+    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps "
+          f"({num_iterations * steps_per_iteration} of --total-timesteps {args.total_timesteps}: whole iterations)")
     writer.add_text("eval", "FPO evaluation samples x_1 ~ N(0, I) with a fixed seed: a flow policy has no tractable mean")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
     rollout_threads = args.threads or 1
@@ -402,12 +405,13 @@ def main(args):
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
 
     def eval_and_log(global_step):
+        start = time.time()
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
         seed = args.seed + EVAL_SEED_OFFSET
         policy = eval_policy(agent, obs_rms, seed)  # the same evaluation noise every time
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        return mean
+        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
     # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
@@ -425,11 +429,12 @@ def main(args):
     masks = np.zeros((U, T, N), np.float32)
 
     modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms}
-    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_return": float("nan"), "train_return": float("nan")}
+    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"), "eval_step": 0,
+            "train_return": float("nan")}
     if checkpoint is None:
-        loop["eval_return"] = eval_and_log(0)
+        eval_and_log(0)
     else:
-        loop = restore(checkpoint, modules)
+        loop.update(restore(checkpoint, modules))  # an older checkpoint may lack a counter: it starts at its default
     global_step = loop["global_step"]
     for iteration in range(loop["iteration"] + 1, num_iterations + 1):
         iteration_start = time.time()
@@ -452,6 +457,8 @@ def main(args):
                 step = global_step + (unroll * T + t + 1) * N
                 loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
+            if iteration == loop["iteration"] + 1 and unroll == 0:  # a run of days says so after its first unroll
+                warn_if_long(args, (time.time() - iteration_start) / (T * N) * (args.total_timesteps - global_step))
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
@@ -477,16 +484,15 @@ def main(args):
         log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps_per_iteration / rollout_time)}, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
-            loop["eval_return"] = eval_and_log(global_step)
-        eta = (num_iterations - iteration) * loop["train_time"] / iteration
+            eval_and_log(global_step)
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
-              f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+              f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) {eta(loop, iteration, num_iterations)}")
         loop.update(iteration=iteration, global_step=global_step, obs_dim=obs_dim, action_dim=action_dim)
         if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration == num_iterations:
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
-            save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
+            save_checkpoint(args, backend, run_name, modules, loop)
 
-    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
+    finish(args, run_name, envs, writer, loop)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
@@ -512,7 +518,8 @@ def check_args(args, positive="", non_negative="", unit=""):
 
 def parse_args():
     """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
-    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change what it
+    learns (a resumed run may go on for more --total-timesteps, an evaluation take any --num-eval-envs)."""
     argv = sys.argv[1:]
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
     for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
@@ -522,8 +529,8 @@ def parse_args():
     preset = argv.pop(0) if argv and argv[0] in named else "paper"
     if argv and not argv[0].startswith("-"):
         fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
-    saved_path = known.resume or known.eval_checkpoint
-    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    checkpoint = load_checkpoint(known.resume or known.eval_checkpoint) if known.resume or known.eval_checkpoint else None
+    saved = checkpoint["args"] if checkpoint else None
     defaults = Args(**saved) if saved else named[preset]
     changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
@@ -531,10 +538,14 @@ def parse_args():
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
+        may_differ += " num_eval_envs" if known.eval_checkpoint else " total_timesteps"
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+        if known.resume and args.total_timesteps < checkpoint["loop"]["global_step"]:
+            fail(f"--total-timesteps {args.total_timesteps} is below the {checkpoint['loop']['global_step']} steps run")
+    if args.save_model and args.checkpoint_every == 0:
+        fail("--save-model keeps the final checkpoint, which --checkpoint-every 0 turns off")
     return args
 
 
@@ -560,9 +571,8 @@ def setup(args, load_policy):
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
-        if video_path is not None:
-            print(f"video: {video_path}")
+        video = f"; video: {video_path}" if video_path else ""
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes){video}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -572,7 +582,8 @@ def setup(args, load_policy):
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
     resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
-    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
+    resume = f"to continue from the last checkpoint: {resume}" if args.checkpoint_every != 0 else "no checkpoints were written"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -720,8 +731,12 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
     return float(returns.mean()), float(returns.std())
 
 
-def save_checkpoint(path, args, backend, run_name, modules, loop):
-    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+def save_checkpoint(args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `runs/{run_name}/checkpoint.pt` so that a
+    kill leaves one whole; nothing with --checkpoint-every 0."""
+    if args.checkpoint_every == 0:
+        return
+    path = f"runs/{run_name}/checkpoint.pt"
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
@@ -758,7 +773,7 @@ def restore(checkpoint, modules):
     return checkpoint["loop"]
 
 
-def finish(args, run_name, envs, writer, eval_return, global_step):
+def finish(args, run_name, envs, writer, loop):
     """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
     checkpoint = f"runs/{run_name}/checkpoint.pt"
     model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
@@ -767,9 +782,26 @@ def finish(args, run_name, envs, writer, eval_return, global_step):
     envs.close()
     writer.close()
     minutes = (time.time() - START) / 60
-    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    print(f"done in {minutes:.1f} min: eval/episodic_return={loop['eval_return']:.1f} at step {loop['eval_step']}")
     videos = f"videos: videos/{run_name}; " if args.capture_video else ""
-    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
+    again = f"evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}"
+    print(f"logs: runs/{run_name}; {videos}{again if args.checkpoint_every != 0 else 'no checkpoint (--checkpoint-every 0)'}")
+
+
+def eta(loop, done, total, refits_left=0):
+    """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
+    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
+    if refits_left and not loop.get("refit_time"):
+        return f"ETA={minutes:.1f}min+{refits_left}x refit"
+    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+
+
+def warn_if_long(args, seconds_left):
+    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
+    if seconds_left > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
+              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
 
 
 def crossed(global_step, steps, every):

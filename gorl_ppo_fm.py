@@ -76,7 +76,7 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
+    """write `runs/{run_name}/checkpoint.pt` every this many steps (default: a tenth of the run) and at the end; 0: none"""
     resume: Optional[str] = None
     """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
@@ -189,8 +189,8 @@ class Args:
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs
-                   learning_rate clip_coef reward_scale eval_every num_eval_envs checkpoint_every""", unit="gamma",
-                   non_negative="threads ent_coef vf_coef max_grad_norm gae_lambda")
+                   learning_rate clip_coef reward_scale eval_every num_eval_envs""", unit="gamma",
+                   non_negative="checkpoint_every threads ent_coef vf_coef max_grad_norm gae_lambda")
         check_args(self, positive="""learning_rate_later clip_coef_later stage_weights refine_episodes refine_num_envs
                    decoder_epochs decoder_batch_size decoder_lr decoder_hidden stage_learning_rates""",  # GoRL's own
                    non_negative="""beta decoder_steps target_clip stage_ent_coefs stage_max_grad_norms stage_betas
@@ -199,8 +199,10 @@ class Args:
         if self.gae_lambda > 1:
             fail(f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
         if segments % self.num_envs:
+            step = self.num_envs // math.gcd(self.num_envs, self.num_minibatches)
             fail(f"--batch-size * --num-minibatches ({segments} segments per iteration) must be a multiple of --num-envs "
-                 f"({self.num_envs}), so every env contributes whole segments")
+                 f"({self.num_envs}), so every env contributes whole segments: --batch-size "
+                 f"{math.ceil(self.batch_size / step) * step} works")
         if self.total_timesteps < segments * self.unroll_length:
             fail(f"--total-timesteps {self.total_timesteps} is smaller than one iteration ({segments} segments of "
                  f"{self.unroll_length} steps = {segments * self.unroll_length})")
@@ -214,8 +216,13 @@ class Args:
                 fail(f"--{name.replace('_', '-')} takes one value per stage at most ({len(self.stage_weights)} stages)")
         if len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
             fail(f"--refine-episodes must be at least 2 (one is held out) and --refine-num-envs ({self.refine_num_envs})")
-        if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) < segments * self.unroll_length:
-            fail(f"each stage of --total-timesteps {self.total_timesteps} needs 1 iteration ({segments * self.unroll_length})")
+        iteration = segments * self.unroll_length
+        if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) < iteration:
+            smallest = int(iteration * sum(self.stage_weights) / min(self.stage_weights)) - 2
+            while int(smallest * min(self.stage_weights) / sum(self.stage_weights)) < iteration:  # as main splits the steps
+                smallest += 1
+            fail(f"each stage of --total-timesteps {self.total_timesteps} needs 1 iteration ({iteration}): "
+                 f"--total-timesteps {smallest} is the smallest that works")
 
 
 def presets(env_id):
@@ -516,7 +523,9 @@ def reset_encoder(agent, mode, obs_dim, action_dim):
 
 
 def restart_encoder(agent, obs_rms, optimizer, best, settings):
-    """The encoder, its normalizer and its optimizer for the next stage (`settings.encoder_reset`, `reset_encoder`)."""
+    """The encoder, its normalizer and its optimizer for the next stage (`settings.encoder_reset`, `reset_encoder`);
+    the next stage's best encoder is still to be found."""
+    best["return"] = -float("inf")
     if settings.encoder_reset in ("warm", "prior-best"):  # the stage's best encoder with its normalizer (the release)
         agent = copy.deepcopy(best["agent"])
         obs_rms = copy.deepcopy(best["obs_rms"])
@@ -605,10 +614,11 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
         episode[done] = next_episode + np.arange(done.sum())
         next_episode += int(done.sum())
     envs.close()
-    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), ended_episodes)).reshape(-1), device=device)
+    kept = np.isin(np.stack(episode_ids), ended_episodes[:num_episodes])  # episodes ending together may overshoot
+    keep = torch.as_tensor((np.stack(valids) & kept).reshape(-1), device=device)
     obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*transitions))
     episode_id = torch.as_tensor(np.stack(episode_ids).reshape(-1), device=device)[keep]
-    return (obs, action, z, episode_id), np.array(returns), len(transitions) * num_envs
+    return (obs, action, z, episode_id), np.array(returns[:num_episodes]), len(transitions) * num_envs
 
 
 def fit_decoder(data, args, device):
@@ -706,23 +716,29 @@ def fit_decoder(data, args, device):
     return decoder, train_loss, best_val
 
 
-def load_decoder(path, args):
-    """The last decoder of a model saved by this script on the same task (--decoder-checkpoint, Sec. 4.3.3)."""
-    saved = load_checkpoint(path)
-    if saved["args"]["env_id"] != args.env_id or saved["args"]["decoder_hidden"] != args.decoder_hidden:
-        fail(f"--decoder-checkpoint {path!r} is no decoder of --env-id {args.env_id} --decoder-hidden {args.decoder_hidden}")
-    return saved["decoder"]
-
+def first_decoder(args, obs_dim, action_dim, device):
+    """Stage 0's decoder: a fresh one (the identity) or the last decoder of a model saved by this script on the same
+    task (--decoder-checkpoint, Sec. 4.3.3)."""
+    decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device)
+    if args.decoder_checkpoint is not None:
+        saved = load_checkpoint(args.decoder_checkpoint)
+        if saved["args"]["env_id"] != args.env_id or saved["args"]["decoder_hidden"] != args.decoder_hidden:
+            fail(f"--decoder-checkpoint {args.decoder_checkpoint!r} is no decoder of --env-id {args.env_id} "
+                 f"--decoder-hidden {args.decoder_hidden}")
+        decoder.load_state_dict(saved["decoder"])
+    return decoder
 
 
 
 def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
     """Phase 2 of Algorithm 1 (Eq. 4): the stage's encoder (`sample_z`: raw obs -> sampled z) runs `--refine-episodes`
     episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
-    These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
+    These env steps are not in global_step; `loop` counts them and the refits' time. Returns the new decoder."""
+    start = time.time()
     seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
-    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder",
-          flush=True)
+    fit = f"{args.decoder_steps} Adam steps" if args.decoder_steps else f"{args.decoder_epochs} epochs"
+    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder "
+          f"fit for {fit}", flush=True)
     data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
                                                    args.refine_episodes, seed, device)
     loop["refine_steps"] += steps
@@ -731,6 +747,7 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
                          "decoder/train_loss": train_loss, "decoder/val_loss": val_loss}, loop["global_step"])
     print(f"stage {loop['stage']} refit: {len(data[0])} steps of {len(returns)} episodes (return {returns.mean():.1f}), "
           f"decoder loss train {train_loss:.4f} val {val_loss:.4f}")
+    loop["refit_time"] += time.time() - start
     return decoder
 
 
@@ -750,8 +767,8 @@ def main(args):
     num_iterations = stage_ends[-1]
     evaluations = release_evaluations(stage_ends, args.evals_per_stage)  # empty: every --eval-every steps
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps")
+    print(f"{run_name}: backend {backend}, device {device}, {num_iterations} iterations of {steps_per_iteration} steps "
+          f"({num_iterations * steps_per_iteration} of --total-timesteps {args.total_timesteps}: whole iterations)")
     # Per-step inference on a few envs is fastest on one thread; the updates' minibatches are 1.5-1.9x faster on two cores.
     rollout_threads = args.threads or 1
     update_threads = args.threads or torch.get_num_threads()
@@ -765,20 +782,18 @@ def main(args):
     agent = reset_encoder(Agent(obs_dim, action_dim).to(device), settings.encoder_reset, obs_dim, action_dim)
     optimizer = torch.optim.Adam(agent.parameters(), lr=settings.learning_rate, eps=1e-8)
     # Stage 0 decodes with the identity (a fresh decoder), or with a saved one (frozen-decoder study, Sec. 4.3.3).
-    decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device)
-    if args.decoder_checkpoint is not None:
-        decoder.load_state_dict(load_decoder(args.decoder_checkpoint, args))
-    # The stage's best-evaluated encoder, for --refine-from best and the release's warm and prior-best restarts
+    decoder = first_decoder(args, obs_dim, action_dim, device)
     best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}
 
     def eval_and_log(global_step):
+        start = time.time()
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
         seed = args.seed + EVAL_SEED_OFFSET
         policy = eval_policy(agent, obs_rms, decoder)
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
+        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
         remember_best(best, mean, agent, obs_rms)
-        return mean
 
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
     # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
@@ -794,12 +809,12 @@ def main(args):
 
     modules = {"agent": agent, "optimizer": optimizer, "obs_rms": obs_rms, "decoder": decoder,
                "best_agent": best["agent"], "best_obs_rms": best["obs_rms"]}
-    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_return": float("nan"), "train_return": float("nan"),
-            "stage": 0, "refine_steps": 0}
+    loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_time": 0.0, "refit_time": 0.0, "eval_step": 0,
+            "eval_return": float("nan"), "train_return": float("nan"), "stage": 0, "refine_steps": 0}
     if checkpoint is None:
-        loop["eval_return"] = eval_and_log(0)
+        eval_and_log(0)
     else:
-        loop = restore(checkpoint, modules)
+        loop.update(restore(checkpoint, modules))  # an older checkpoint may lack a counter: it starts at its default
         best["return"] = loop["best_return"]
     global_step = loop["global_step"]
     for iteration in range(loop["iteration"] + 1, num_iterations + 1):
@@ -823,6 +838,8 @@ def main(args):
                 step = global_step + (unroll * T + t + 1) * N
                 loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
+            if iteration == loop["iteration"] + 1 and unroll == 0:  # a run of days says so after its first unroll
+                warn_if_long(args, (time.time() - iteration_start) / (T * N) * (args.total_timesteps - global_step))
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
 
@@ -850,13 +867,14 @@ def main(args):
                              "charts/ent_coef": settings.ent_coef, "charts/max_grad_norm": settings.max_grad_norm},
                     global_step)
         due = iteration in evaluations if args.evals_per_stage else crossed(global_step, steps_per_iteration, args.eval_every)
-        if due or iteration in stage_ends:
-            loop["eval_return"] = eval_and_log(global_step)  # GoRL also evaluates at every stage end
-        eta = (num_iterations - iteration) * loop["train_time"] / iteration
+        stage_end = iteration >= stage_ends[loop["stage"]]  # `>=`: a resumed run given more steps moves the stage ends
+        if due or stage_end:
+            eval_and_log(global_step)  # GoRL also evaluates at every stage end
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
-              f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+              f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) "
+              f"{eta(loop, iteration, num_iterations, len(stage_ends) - 1 - loop['stage'])}")
         loop.update(iteration=iteration, global_step=global_step, obs_dim=obs_dim, action_dim=action_dim)
-        if iteration in stage_ends[:-1]:
+        if stage_end and loop["stage"] < len(stage_ends) - 1:
             # Phase 2, decoder refinement: the stage's last (or best) encoder collects the data, a new decoder is fit.
             encoder = best if settings.refine_from == "best" else {"agent": agent, "obs_rms": obs_rms}
             writer.add_scalar("gorl/refine_encoder_eval", encoder.get("return", loop["eval_return"]), global_step)
@@ -864,19 +882,17 @@ def main(args):
                                      device, writer, loop)
             # Stage-wise re-initialization: the next stage's encoder restarts against the new decoder.
             loop["stage"] += 1
-            settings = stage_settings(args, loop["stage"])
-            agent, obs_rms, optimizer = restart_encoder(agent, obs_rms, optimizer, best, settings)
+            agent, obs_rms, optimizer = restart_encoder(agent, obs_rms, optimizer, best, stage_settings(args, loop["stage"]))
             modules.update(agent=agent, optimizer=optimizer, obs_rms=obs_rms, decoder=decoder)
-            best["return"] = -float("inf")
             refit_return = eval_after_refit(eval_policy(agent, obs_rms, decoder), args, backend, device, writer, loop)
             if args.evals_per_stage:  # the release also evaluates a stage's start: its encoder is a candidate for best
                 remember_best(best, refit_return, agent, obs_rms)
         loop["best_return"] = best["return"]
-        if crossed(global_step, steps_per_iteration, checkpoint_every) or iteration in stage_ends:
+        if crossed(global_step, steps_per_iteration, checkpoint_every) or stage_end:
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
-            save_checkpoint(checkpoint_path, args, backend, run_name, modules, loop)
+            save_checkpoint(args, backend, run_name, modules, loop)
 
-    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
+    finish(args, run_name, envs, writer, loop)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
@@ -902,7 +918,8 @@ def check_args(args, positive="", non_negative="", unit=""):
 
 def parse_args():
     """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
-    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change what it
+    learns (a resumed run may go on for more --total-timesteps, an evaluation take any --num-eval-envs)."""
     argv = sys.argv[1:]
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
     for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
@@ -912,8 +929,8 @@ def parse_args():
     preset = argv.pop(0) if argv and argv[0] in named else "paper"
     if argv and not argv[0].startswith("-"):
         fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
-    saved_path = known.resume or known.eval_checkpoint
-    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    checkpoint = load_checkpoint(known.resume or known.eval_checkpoint) if known.resume or known.eval_checkpoint else None
+    saved = checkpoint["args"] if checkpoint else None
     defaults = Args(**saved) if saved else named[preset]
     changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
@@ -921,10 +938,14 @@ def parse_args():
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
+        may_differ += " num_eval_envs" if known.eval_checkpoint else " total_timesteps"
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+        if known.resume and args.total_timesteps < checkpoint["loop"]["global_step"]:
+            fail(f"--total-timesteps {args.total_timesteps} is below the {checkpoint['loop']['global_step']} steps run")
+    if args.save_model and args.checkpoint_every == 0:
+        fail("--save-model keeps the final checkpoint, which --checkpoint-every 0 turns off")
     return args
 
 
@@ -950,9 +971,8 @@ def setup(args, load_policy):
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
-        if video_path is not None:
-            print(f"video: {video_path}")
+        video = f"; video: {video_path}" if video_path else ""
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes){video}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -962,7 +982,8 @@ def setup(args, load_policy):
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
     resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
-    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
+    resume = f"to continue from the last checkpoint: {resume}" if args.checkpoint_every != 0 else "no checkpoints were written"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -1110,8 +1131,12 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
     return float(returns.mean()), float(returns.std())
 
 
-def save_checkpoint(path, args, backend, run_name, modules, loop):
-    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+def save_checkpoint(args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `runs/{run_name}/checkpoint.pt` so that a
+    kill leaves one whole; nothing with --checkpoint-every 0."""
+    if args.checkpoint_every == 0:
+        return
+    path = f"runs/{run_name}/checkpoint.pt"
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
@@ -1148,7 +1173,7 @@ def restore(checkpoint, modules):
     return checkpoint["loop"]
 
 
-def finish(args, run_name, envs, writer, eval_return, global_step):
+def finish(args, run_name, envs, writer, loop):
     """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
     checkpoint = f"runs/{run_name}/checkpoint.pt"
     model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
@@ -1157,9 +1182,26 @@ def finish(args, run_name, envs, writer, eval_return, global_step):
     envs.close()
     writer.close()
     minutes = (time.time() - START) / 60
-    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    print(f"done in {minutes:.1f} min: eval/episodic_return={loop['eval_return']:.1f} at step {loop['eval_step']}")
     videos = f"videos: videos/{run_name}; " if args.capture_video else ""
-    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
+    again = f"evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}"
+    print(f"logs: runs/{run_name}; {videos}{again if args.checkpoint_every != 0 else 'no checkpoint (--checkpoint-every 0)'}")
+
+
+def eta(loop, done, total, refits_left=0):
+    """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
+    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
+    if refits_left and not loop.get("refit_time"):
+        return f"ETA={minutes:.1f}min+{refits_left}x refit"
+    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+
+
+def warn_if_long(args, seconds_left):
+    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
+    if seconds_left > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
+              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
 
 
 def crossed(global_step, steps, every):

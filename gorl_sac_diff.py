@@ -76,7 +76,7 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
+    """write `runs/{run_name}/checkpoint.pt` every this many steps (default: a tenth of the run) and at the end; 0: none"""
     resume: Optional[str] = None
     """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
@@ -152,17 +152,22 @@ class Args:
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs buffer_size batch_size policy_lr q_lr utd_ratio
-                   policy_frequency eval_every num_eval_envs checkpoint_every""", non_negative="threads learning_starts alpha",
+                   policy_frequency eval_every num_eval_envs""", non_negative="threads learning_starts alpha checkpoint_every",
                    unit="gamma tau")
         if self.total_timesteps < self.num_envs or self.total_timesteps <= self.learning_starts:
             fail(f"--total-timesteps {self.total_timesteps} leaves no learning: it must exceed --learning-starts "
-                 f"({self.learning_starts}) and be at least --num-envs ({self.num_envs})")
+                 f"({self.learning_starts}) and be at least --num-envs ({self.num_envs}): "
+                 f"--total-timesteps {max(self.learning_starts + 1, self.num_envs)} is the smallest that works")
         check_args(self, positive="""stage_weights refine_episodes refine_num_envs decoder_epochs decoder_batch_size
                    decoder_lr decoder_hidden""", non_negative="beta decoder_steps target_clip chain_loss_weight")  # GoRL's own
         if not self.stage_weights or len(self.stage_weights) > 1 and self.refine_episodes < max(2, self.refine_num_envs):
             fail(f"--stage-weights takes values, --refine-episodes at least 2 and --refine-num-envs ({self.refine_num_envs})")
         if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) <= self.learning_starts:
-            fail(f"each stage of --total-timesteps {self.total_timesteps} needs more than --learning-starts steps")
+            smallest = int((self.learning_starts + 1) * sum(self.stage_weights) / min(self.stage_weights)) - 2
+            while int(smallest * min(self.stage_weights) / sum(self.stage_weights)) <= self.learning_starts:  # as main splits
+                smallest += 1
+            fail(f"each stage of --total-timesteps {self.total_timesteps} needs more than --learning-starts "
+                 f"({self.learning_starts}) steps: --total-timesteps {smallest} is the smallest that works")
 
 
 def presets(env_id):
@@ -370,7 +375,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state):
         self.data[: state["size"]] = state["data"]
-        self.pos = state["pos"]
+        self.pos = state["pos"] if state["size"] == len(self.data) else state["size"]  # a longer resumed run: a larger buffer
         self.size = state["size"]
 
 
@@ -528,10 +533,11 @@ def collect_refinement_data(sample_z, decoder, env_id, backend, num_envs, num_ep
         episode[done] = next_episode + np.arange(done.sum())
         next_episode += int(done.sum())
     envs.close()
-    keep = torch.as_tensor((np.stack(valids) & np.isin(np.stack(episode_ids), ended_episodes)).reshape(-1), device=device)
+    kept = np.isin(np.stack(episode_ids), ended_episodes[:num_episodes])  # episodes ending together may overshoot
+    keep = torch.as_tensor((np.stack(valids) & kept).reshape(-1), device=device)
     obs, action, z = (torch.stack(x).flatten(0, 1)[keep] for x in zip(*transitions))
     episode_id = torch.as_tensor(np.stack(episode_ids).reshape(-1), device=device)[keep]
-    return (obs, action, z, episode_id), np.array(returns), len(transitions) * num_envs
+    return (obs, action, z, episode_id), np.array(returns[:num_episodes]), len(transitions) * num_envs
 
 
 def fit_decoder(data, args, device):
@@ -632,10 +638,12 @@ def fit_decoder(data, args, device):
 def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
     """Phase 2 of Algorithm 1 (Eq. 4): the stage's encoder (`sample_z`: raw obs -> sampled z) runs `--refine-episodes`
     episodes through the stage's decoder on envs of their own, and a new decoder is fit on them from the fixed prior.
-    These env steps are not in global_step; `loop` counts them. Returns the new decoder."""
+    These env steps are not in global_step; `loop` counts them and the refits' time. Returns the new decoder."""
+    start = time.time()
     seed = args.seed + REFINE_SEED_OFFSET + loop["stage"]
-    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder",
-          flush=True)
+    fit = f"{args.decoder_steps} Adam steps" if args.decoder_steps else f"{args.decoder_epochs} epochs"
+    print(f"stage {loop['stage']} refit: {args.refine_episodes} episodes on {args.refine_num_envs} envs, then a new decoder "
+          f"fit for {fit}", flush=True)
     data, returns, steps = collect_refinement_data(sample_z, decoder, args.env_id, backend, args.refine_num_envs,
                                                    args.refine_episodes, seed, device)
     loop["refine_steps"] += steps
@@ -644,6 +652,7 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
                          "decoder/train_loss": train_loss, "decoder/val_loss": val_loss}, loop["global_step"])
     print(f"stage {loop['stage']} refit: {len(data[0])} steps of {len(returns)} episodes (return {returns.mean():.1f}), "
           f"decoder loss train {train_loss:.4f} val {val_loss:.4f}")
+    loop["refit_time"] += time.time() - start
     return decoder
 
 
@@ -662,9 +671,8 @@ def main(args):
     stage_ends = list(np.cumsum(stage_steps) // N)  # the last step of each stage
     num_steps = sum(stage_steps) // N
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
-          f"{args.utd_ratio * args.num_envs:g} updates per step")
+          f"{args.utd_ratio * args.num_envs:g} updates per step ({num_steps * N} of --total-timesteps {args.total_timesteps})")
     torch.set_num_threads(args.threads or torch.get_num_threads())  # the updates dominate; one env step between them
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
@@ -679,12 +687,13 @@ def main(args):
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device).requires_grad_(False)
 
     def eval_and_log(global_step):
+        start = time.time()
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
         policy = eval_policy(sac.actor, obs_rms, decoder)
         seed = args.seed + EVAL_SEED_OFFSET
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        return mean
+        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
 
     buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
@@ -695,13 +704,14 @@ def main(args):
                 "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
                 "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
 
-    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_return": float("nan"),
+    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"),
+            "eval_step": 0, "refit_time": 0.0,
             "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
             "obs_dim": obs_dim, "action_dim": action_dim, "stage": 0, "stage_start": 0, "refine_steps": 0}
     if checkpoint is None:
-        loop["eval_return"] = eval_and_log(0)
+        eval_and_log(0)
     else:
-        loop = restore(checkpoint, run_modules())
+        loop.update(restore(checkpoint, run_modules()))  # an older checkpoint may lack a counter: it starts at its default
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
     global_step = loop["global_step"]
@@ -739,8 +749,11 @@ def main(args):
                 loop["updates"] += 1
 
         loop.update(step=step, global_step=global_step)
-        log_point = crossed(global_step, N, 1000) or step in stage_ends  # log every 1000 env steps
+        stage_end = step >= stage_ends[loop["stage"]]  # `>=`: a resumed run given more steps moves the stage ends
+        log_point = crossed(global_step, N, 1000) or stage_end  # log every 1000 env steps
         if log_point:
+            if args.learning_starts + 1000 <= global_step < args.learning_starts + 2000:  # a run of days says so now
+                warn_if_long(args, (time.time() - step_start) / 1000 * (args.total_timesteps - global_step))
             loop["train_time"] += time.time() - step_start
             sps = int(global_step / loop["train_time"])
             for stats in (q_stats, pi_stats):
@@ -751,14 +764,14 @@ def main(args):
             pi_stats = []
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("gorl/stage", loop["stage"], global_step)
-            if global_step >= loop["next_eval"] or step in stage_ends:  # GoRL also evaluates at every stage end
-                loop["eval_return"] = eval_and_log(global_step)
+            if global_step >= loop["next_eval"] or stage_end:  # GoRL also evaluates at every stage end
+                eval_and_log(global_step)
                 loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
-                eta = (num_steps - step) * loop["train_time"] / step
                 print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
-                      f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+                      f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) "
+                      f"{eta(loop, step, num_steps, len(stage_ends) - 1 - loop['stage'])}")
             step_start = time.time()
-        if step in stage_ends[:-1]:
+        if stage_end and loop["stage"] < len(stage_ends) - 1:
             # Phase 2, decoder refinement (App. F.2, Eq. 4): fresh rollouts of the stage's actor through the stage's
             # decoder, not the replay buffer, fit a new decoder from the fixed prior. Refit steps are not in global_step.
             decoder = refine_decoder(lambda x: sac.actor.get_action(obs_rms(x)).action, decoder, args, backend, device,
@@ -773,14 +786,14 @@ def main(args):
             actor_at_prior(sac.actor)  # the restarted latent policy is the prior, so z = 0 is its mean
             eval_after_refit(eval_policy(sac.actor, obs_rms, decoder), args, backend, device, writer, loop)
             step_start = time.time()  # the refit is not training time
-        if log_point and (global_step >= loop["next_checkpoint"] or step in stage_ends):
+        if log_point and (global_step >= loop["next_checkpoint"] or stage_end):
             loop["next_checkpoint"] = (global_step // checkpoint_every + 1) * checkpoint_every
             loop["log_alpha"] = sac.log_alpha.detach().clone()
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
-            save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
+            save_checkpoint(args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 
-    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
+    finish(args, run_name, envs, writer, loop)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
@@ -806,7 +819,8 @@ def check_args(args, positive="", non_negative="", unit=""):
 
 def parse_args():
     """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
-    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change what it
+    learns (a resumed run may go on for more --total-timesteps, an evaluation take any --num-eval-envs)."""
     argv = sys.argv[1:]
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
     for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
@@ -816,8 +830,8 @@ def parse_args():
     preset = argv.pop(0) if argv and argv[0] in named else "paper"
     if argv and not argv[0].startswith("-"):
         fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
-    saved_path = known.resume or known.eval_checkpoint
-    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    checkpoint = load_checkpoint(known.resume or known.eval_checkpoint) if known.resume or known.eval_checkpoint else None
+    saved = checkpoint["args"] if checkpoint else None
     defaults = Args(**saved) if saved else named[preset]
     changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
@@ -825,10 +839,14 @@ def parse_args():
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
+        may_differ += " num_eval_envs" if known.eval_checkpoint else " total_timesteps"
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+        if known.resume and args.total_timesteps < checkpoint["loop"]["global_step"]:
+            fail(f"--total-timesteps {args.total_timesteps} is below the {checkpoint['loop']['global_step']} steps run")
+    if args.save_model and args.checkpoint_every == 0:
+        fail("--save-model keeps the final checkpoint, which --checkpoint-every 0 turns off")
     return args
 
 
@@ -854,9 +872,8 @@ def setup(args, load_policy):
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
-        if video_path is not None:
-            print(f"video: {video_path}")
+        video = f"; video: {video_path}" if video_path else ""
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes){video}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -866,7 +883,8 @@ def setup(args, load_policy):
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
     resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
-    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
+    resume = f"to continue from the last checkpoint: {resume}" if args.checkpoint_every != 0 else "no checkpoints were written"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -1014,8 +1032,12 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
     return float(returns.mean()), float(returns.std())
 
 
-def save_checkpoint(path, args, backend, run_name, modules, loop):
-    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+def save_checkpoint(args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `runs/{run_name}/checkpoint.pt` so that a
+    kill leaves one whole; nothing with --checkpoint-every 0."""
+    if args.checkpoint_every == 0:
+        return
+    path = f"runs/{run_name}/checkpoint.pt"
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
@@ -1052,7 +1074,7 @@ def restore(checkpoint, modules):
     return checkpoint["loop"]
 
 
-def finish(args, run_name, envs, writer, eval_return, global_step):
+def finish(args, run_name, envs, writer, loop):
     """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
     checkpoint = f"runs/{run_name}/checkpoint.pt"
     model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
@@ -1061,9 +1083,26 @@ def finish(args, run_name, envs, writer, eval_return, global_step):
     envs.close()
     writer.close()
     minutes = (time.time() - START) / 60
-    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    print(f"done in {minutes:.1f} min: eval/episodic_return={loop['eval_return']:.1f} at step {loop['eval_step']}")
     videos = f"videos: videos/{run_name}; " if args.capture_video else ""
-    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
+    again = f"evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}"
+    print(f"logs: runs/{run_name}; {videos}{again if args.checkpoint_every != 0 else 'no checkpoint (--checkpoint-every 0)'}")
+
+
+def eta(loop, done, total, refits_left=0):
+    """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
+    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
+    if refits_left and not loop.get("refit_time"):
+        return f"ETA={minutes:.1f}min+{refits_left}x refit"
+    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+
+
+def warn_if_long(args, seconds_left):
+    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
+    if seconds_left > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
+              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
 
 
 def crossed(global_step, steps, every):

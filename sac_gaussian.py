@@ -67,7 +67,7 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run the deterministic evaluation on its task, print the return and exit"""
     checkpoint_every: Optional[int] = None
-    """write `runs/{run_name}/checkpoint.pt` every this many env steps (default: a tenth of the run) and at the end"""
+    """write `runs/{run_name}/checkpoint.pt` every this many steps (default: a tenth of the run) and at the end; 0: none"""
     resume: Optional[str] = None
     """if set, continue this checkpoint's run: settings, networks, optimizers, normalizer, RNGs, log dir (new episodes)"""
 
@@ -111,11 +111,12 @@ class Args:
 
     def __post_init__(self):  # impossible settings end the run with one line (check_args, in the plumbing)
         check_args(self, positive="""total_timesteps num_envs buffer_size batch_size policy_lr q_lr utd_ratio
-                   policy_frequency eval_every num_eval_envs checkpoint_every""", non_negative="threads learning_starts alpha",
+                   policy_frequency eval_every num_eval_envs""", non_negative="threads learning_starts alpha checkpoint_every",
                    unit="gamma tau")
         if self.total_timesteps < self.num_envs or self.total_timesteps <= self.learning_starts:
             fail(f"--total-timesteps {self.total_timesteps} leaves no learning: it must exceed --learning-starts "
-                 f"({self.learning_starts}) and be at least --num-envs ({self.num_envs})")
+                 f"({self.learning_starts}) and be at least --num-envs ({self.num_envs}): "
+                 f"--total-timesteps {max(self.learning_starts + 1, self.num_envs)} is the smallest that works")
 
 
 def presets(env_id):
@@ -302,7 +303,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state):
         self.data[: state["size"]] = state["data"]
-        self.pos = state["pos"]
+        self.pos = state["pos"] if state["size"] == len(self.data) else state["size"]  # a longer resumed run: a larger buffer
         self.size = state["size"]
 
 
@@ -372,9 +373,8 @@ def main(args):
     N = args.num_envs
     num_steps = args.total_timesteps // N
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(f"{run_name}: backend {backend}, device {device}, {num_steps} steps of {args.num_envs} envs, "
-          f"{args.utd_ratio * args.num_envs:g} updates per step")
+          f"{args.utd_ratio * args.num_envs:g} updates per step ({num_steps * N} of --total-timesteps {args.total_timesteps})")
     torch.set_num_threads(args.threads or torch.get_num_threads())  # the updates dominate; one env step between them
 
     envs = VecEnv(args.env_id, backend, args.num_envs, args.seed)
@@ -387,12 +387,13 @@ def main(args):
     update = compile_update(sac_update, device) if compiled else sac_update
 
     def eval_and_log(global_step):
+        start = time.time()
         video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
         policy = eval_policy(sac.actor, obs_rms)
         seed = args.seed + EVAL_SEED_OFFSET
         mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
         log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        return mean
+        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
 
     buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
@@ -403,13 +404,14 @@ def main(args):
                 "actor_optimizer": sac.actor_optimizer, "a_optimizer": sac.a_optimizer,
                 "obs_rms": obs_rms, "rb": rb}
 
-    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_return": float("nan"),
+    loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"),
+            "eval_step": 0,
             "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
             "obs_dim": obs_dim, "action_dim": action_dim}
     if checkpoint is None:
-        loop["eval_return"] = eval_and_log(0)
+        eval_and_log(0)
     else:
-        loop = restore(checkpoint, run_modules())
+        loop.update(restore(checkpoint, run_modules()))  # an older checkpoint may lack a counter: it starts at its default
         with torch.no_grad():
             sac.log_alpha.copy_(loop["log_alpha"])
     global_step = loop["global_step"]
@@ -449,6 +451,8 @@ def main(args):
         loop.update(step=step, global_step=global_step)
         log_point = crossed(global_step, N, 1000) or step == num_steps  # log every 1000 env steps
         if log_point:
+            if args.learning_starts + 1000 <= global_step < args.learning_starts + 2000:  # a run of days says so now
+                warn_if_long(args, (time.time() - step_start) / 1000 * (args.total_timesteps - global_step))
             loop["train_time"] += time.time() - step_start
             sps = int(global_step / loop["train_time"])
             for stats in (q_stats, pi_stats):
@@ -459,20 +463,19 @@ def main(args):
             pi_stats = []
             writer.add_scalar("charts/SPS", sps, global_step)
             if global_step >= loop["next_eval"] or step == num_steps:
-                loop["eval_return"] = eval_and_log(global_step)
+                eval_and_log(global_step)
                 loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
-                eta = (num_steps - step) * loop["train_time"] / step
                 print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
-                      f"eval_return={loop['eval_return']:.1f} ETA={eta / 60:.1f}min")
+                      f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) {eta(loop, step, num_steps)}")
             step_start = time.time()
         if log_point and (global_step >= loop["next_checkpoint"] or step == num_steps):
             loop["next_checkpoint"] = (global_step // checkpoint_every + 1) * checkpoint_every
             loop["log_alpha"] = sac.log_alpha.detach().clone()
             writer.flush()  # the logs up to the checkpoint are on disk before it: a resumed run purges only later ones
-            save_checkpoint(checkpoint_path, args, backend, run_name, run_modules(), loop)
+            save_checkpoint(args, backend, run_name, run_modules(), loop)
             step_start = time.time()  # writing the checkpoint is not training time
 
-    finish(args, run_name, envs, writer, loop["eval_return"], global_step)
+    finish(args, run_name, envs, writer, loop)
 
 
 # ---- plumbing: the same in every script, and not the algorithm (environments, evaluation, checkpoints, logging) ----
@@ -498,7 +501,8 @@ def check_args(args, positive="", non_negative="", unit=""):
 
 def parse_args():
     """`python script.py [PRESET] [--flag ...]`: the preset (`presets`; `paper` when none is named) gives the defaults,
-    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change it."""
+    flags override them. --resume and --eval-checkpoint take the saved run's and refuse a flag that would change what it
+    learns (a resumed run may go on for more --total-timesteps, an evaluation take any --num-eval-envs)."""
     argv = sys.argv[1:]
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the flags that choose the defaults
     for flag in ["--env-id", "--resume", "--eval-checkpoint"]:
@@ -508,8 +512,8 @@ def parse_args():
     preset = argv.pop(0) if argv and argv[0] in named else "paper"
     if argv and not argv[0].startswith("-"):
         fail(f"unknown preset {argv[0]!r}: a command's first word is a preset, one of {', '.join(named)}")
-    saved_path = known.resume or known.eval_checkpoint
-    saved = load_checkpoint(saved_path)["args"] if saved_path else None
+    checkpoint = load_checkpoint(known.resume or known.eval_checkpoint) if known.resume or known.eval_checkpoint else None
+    saved = checkpoint["args"] if checkpoint else None
     defaults = Args(**saved) if saved else named[preset]
     changes = " ".join(f"{k}={v}" for k, v in vars(defaults).items() if v != getattr(named["paper"], k)) or "nothing"
     source = "the saved run" if saved else f"preset {preset!r} (of {', '.join(named)})"
@@ -517,10 +521,14 @@ def parse_args():
     args = tyro.cli(Args, default=defaults, args=argv, description=description)
     if saved:  # a saved run continues or is evaluated as it was; only these may change (an evaluation: its episodes too)
         may_differ = "resume eval_checkpoint checkpoint_every cuda threads track wandb_project_name wandb_entity capture_video"
-        may_differ += " num_eval_envs" if known.eval_checkpoint else ""
+        may_differ += " num_eval_envs" if known.eval_checkpoint else " total_timesteps"
         for name, value in vars(args).items():
             if value != saved[name] and name not in may_differ.split():
                 fail(f"--resume and --eval-checkpoint take the saved run's --{name.replace('_', '-')} {saved[name]}")
+        if known.resume and args.total_timesteps < checkpoint["loop"]["global_step"]:
+            fail(f"--total-timesteps {args.total_timesteps} is below the {checkpoint['loop']['global_step']} steps run")
+    if args.save_model and args.checkpoint_every == 0:
+        fail("--save-model keeps the final checkpoint, which --checkpoint-every 0 turns off")
     return args
 
 
@@ -546,9 +554,8 @@ def setup(args, load_policy):
         video_path = f"videos/{run_name}/eval_checkpoint.mp4" if args.capture_video else None
         mean, std = evaluate(load_policy(checkpoint, device), args.env_id, backend, args.num_eval_envs,
                              args.seed + EVAL_SEED_OFFSET, device, video_path)
-        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes)")
-        if video_path is not None:
-            print(f"video: {video_path}")
+        video = f"; video: {video_path}" if video_path else ""
+        print(f"eval/episodic_return={mean:.4f} eval/episodic_return_std={std:.4f} ({args.num_eval_envs} episodes){video}")
         sys.exit(0)
     check_memory(args, backend, spare_envs=max(args.num_eval_envs, getattr(args, "refine_num_envs", 0)))  # GoRL's refit
     torch.manual_seed(args.seed)  # the only global RNG the scripts draw from (envs are seeded one by one)
@@ -558,7 +565,8 @@ def setup(args, load_policy):
         importlib.import_module("wandb").init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                               sync_tensorboard=True, config=vars(args), save_code=True)
     resume = f"python {os.path.basename(__file__)} --resume runs/{run_name}/checkpoint.pt"
-    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; to continue from the last checkpoint: {resume}"))
+    resume = f"to continue from the last checkpoint: {resume}" if args.checkpoint_every != 0 else "no checkpoints were written"
+    signal.signal(signal.SIGINT, lambda *_: fail(f"interrupted; {resume}"))
     # A resumed run writes on in its directory; tensorboard drops what the killed run logged after its checkpoint.
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["loop"]["global_step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "backend": backend}.items())
@@ -706,8 +714,12 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
     return float(returns.mean()), float(returns.std())
 
 
-def save_checkpoint(path, args, backend, run_name, modules, loop):
-    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `path` so that a kill leaves one whole."""
+def save_checkpoint(args, backend, run_name, modules, loop):
+    """`modules`' state_dicts, the counters `loop` and the RNGs, written over `runs/{run_name}/checkpoint.pt` so that a
+    kill leaves one whole; nothing with --checkpoint-every 0."""
+    if args.checkpoint_every == 0:
+        return
+    path = f"runs/{run_name}/checkpoint.pt"
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # only when this run uses CUDA
     checkpoint = {"script": os.path.basename(__file__), "args": vars(args), "backend": backend, "run_name": run_name,
                   "loop": loop, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
@@ -744,7 +756,7 @@ def restore(checkpoint, modules):
     return checkpoint["loop"]
 
 
-def finish(args, run_name, envs, writer, eval_return, global_step):
+def finish(args, run_name, envs, writer, loop):
     """Closes the run and says where it all is: the last evaluation, the wall clock, the logs, checkpoint and model."""
     checkpoint = f"runs/{run_name}/checkpoint.pt"
     model = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else checkpoint
@@ -753,9 +765,26 @@ def finish(args, run_name, envs, writer, eval_return, global_step):
     envs.close()
     writer.close()
     minutes = (time.time() - START) / 60
-    print(f"done in {minutes:.1f} min: eval/episodic_return={eval_return:.1f} at global_step={global_step}")
+    print(f"done in {minutes:.1f} min: eval/episodic_return={loop['eval_return']:.1f} at step {loop['eval_step']}")
     videos = f"videos: videos/{run_name}; " if args.capture_video else ""
-    print(f"logs: runs/{run_name}; {videos}evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}")
+    again = f"evaluate again: python {os.path.basename(__file__)} --eval-checkpoint {model}"
+    print(f"logs: runs/{run_name}; {videos}{again if args.checkpoint_every != 0 else 'no checkpoint (--checkpoint-every 0)'}")
+
+
+def eta(loop, done, total, refits_left=0):
+    """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
+    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
+    if refits_left and not loop.get("refit_time"):
+        return f"ETA={minutes:.1f}min+{refits_left}x refit"
+    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+
+
+def warn_if_long(args, seconds_left):
+    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
+    if seconds_left > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
+              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
 
 
 def crossed(global_step, steps, every):

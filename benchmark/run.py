@@ -78,7 +78,7 @@ def write_csv(path, run_dir, cmd, seconds):
         out.writerow(["wall_clock_seconds", 0, f"{seconds:.0f}"])
 
 
-# The flags a resumed run may take anew (the scripts' `may_differ`); every other setting must be the saved run's.
+# The flags a resumed run may take anew (the scripts' `may_differ` but --total-timesteps, which a grid's run keeps).
 MAY_DIFFER = {"resume", "eval_checkpoint", "checkpoint_every", "cuda", "threads", "track", "wandb_project_name",
               "wandb_entity", "capture_video"}
 

@@ -179,8 +179,8 @@ def instrument(m, rules, monkeypatch, tmp_path):
     monkeypatch.setattr(m.VecEnv, "step", lambda env, action: (rules.quiet or rules.events.append("E"), step(env, action))[1])
     if gae:
         monkeypatch.setattr(m, "compute_gae", lambda *args: (rules.events.append("G"), gae(*args))[1])
-    monkeypatch.setattr(m, "save_checkpoint", lambda path, *args: (
-        save(path, *args), saved.append(shutil.copyfile(path, tmp_path / f"checkpoint-{len(saved)}.pt"))))
+    monkeypatch.setattr(m, "save_checkpoint", lambda args, backend, run_name, *rest: (save(args, backend, run_name, *rest),
+        saved.append(shutil.copyfile(f"runs/{run_name}/checkpoint.pt", tmp_path / f"checkpoint-{len(saved)}.pt"))))
     return optim_base.register_optimizer_step_post_hook(lambda *_: rules.quiet or rules.events.append("O")), saved
 
 
@@ -314,9 +314,10 @@ def test_a_run_without_cuda_never_starts_it_for_its_checkpoints(monkeypatch, tmp
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is there, CUDA not started (is_initialized)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", starts_cuda)
-    path = str(tmp_path / "checkpoint.pt")
-    m.save_checkpoint(path, m.Args(env_id="Hopper-v5"), "dm_control", "run", {}, {"global_step": 0})
-    assert torch.load(path, weights_only=True)["rng"]["cuda"] == []
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/run")
+    m.save_checkpoint(m.Args(env_id="Hopper-v5"), "dm_control", "run", {}, {"global_step": 0})
+    assert torch.load("runs/run/checkpoint.pt", weights_only=True)["rng"]["cuda"] == []
 
 
 # ---------------------------------------------------------------- FPO's and DPPO's evaluation noise

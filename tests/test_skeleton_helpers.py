@@ -53,10 +53,10 @@ def test_crossed_marks_each_multiple_once():
 
 
 POSITIVE = set("""total_timesteps num_envs unroll_length batch_size num_minibatches update_epochs eval_every num_eval_envs
-    checkpoint_every learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
+    learning_rate learning_rate_later clip_coef clip_coef_later reward_scale flow_steps samples_per_action
     denoising_steps min_std buffer_size policy_frequency policy_lr q_lr utd_ratio stage_weights refine_episodes refine_num_envs
     decoder_batch_size decoder_lr decoder_hidden decoder_epochs""".split())
-NON_NEGATIVE = set("""threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
+NON_NEGATIVE = set("""checkpoint_every threads ent_coef ent_coef_later vf_coef max_grad_norm max_grad_norm_later alpha learning_starts beta
     decoder_steps target_clip chain_loss_weight evals_per_stage""".split())
 UNIT = {"gamma", "tau", "gamma_denoising", "gae_lambda"}  # checked as intervals
 FREE = {"seed"}  # any integer

@@ -1,6 +1,6 @@
 """Form rules that hold for every script: the reading order (docstring, imports, Args, the algorithm, `def main`, one
-plumbing banner, the plumbing, the `__main__` line), the plumbing block byte-identical in all seven scripts and at
-most 250 lines, the line and diff budgets of the "minimal again" issue, CleanRL's 127-character lines (ruff, pinned in
+plumbing banner, the plumbing, the `__main__` line), the plumbing block byte-identical in all seven scripts and under
+its ceiling, the line and function ceilings, CleanRL's 127-character lines (ruff, pinned in
 requirements.txt, with this repository's ruff.toml), the paper's vocabulary in the GoRL scripts, no references to files
 outside the repository."""
 import ast
@@ -21,10 +21,10 @@ PLUMBING_BANNER = ("# ---- plumbing: the same in every script, and not the algor
                    "logging) ----")
 MAIN_LINE = 'if __name__ == "__main__":\n    main(parse_args())\n'
 # Ceilings, not targets (line and diff sizes are reported by docs/implementation.md, not asserted): readable code first.
-MAX_PLUMBING = 320
-MAX_LINES = 1250
+MAX_PLUMBING = 340
+MAX_LINES = 1260
 MAX_TUPLE_PACKING = 5  # `a, b = x, y` assignments per script; unpacking what a call returns is fine
-MAX_FUNCTION = 140  # lines of the longest function or class method
+MAX_FUNCTION = 135  # lines of the longest function or class method
 DIFF_PAIRS = [("ppo_gaussian.py", "gorl_ppo_fm.py"), ("gorl_ppo_fm.py", "gorl_ppo_diff.py"), ("ppo_gaussian.py", "fpo.py"),
               ("ppo_gaussian.py", "dppo.py"), ("sac_gaussian.py", "gorl_sac_diff.py")]
 
