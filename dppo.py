@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple, Optional
 
@@ -618,13 +619,20 @@ def resolve_backend(env_id, backend):
                                                  "use a DMC task (CheetahRun) or a Gymnasium id (Hopper-v5)"))
     pool_ids = {i.lower(): i for i in envpool.list_all_envs()} if envpool else {}  # DMC: `{id}-v1`, any case
     pool_id = pool_ids.get((f"{env_id}-v1" if env_id in dmc else env_id).lower())
-    why = f"EnvPool has the task ({pool_id})" if pool_id else (f"EnvPool is not installed or has no task {env_id!r} (pip "
-                                                                "install envpool==1.2.5; CPython 3.11-3.14, Linux, macOS)")
+    why = f"EnvPool has the task ({pool_id})" if pool_id else f"EnvPool has no task {env_id!r}"
+    why = why if envpool else "EnvPool is not installed (pip install envpool==1.2.5; CPython 3.11-3.14, Linux, macOS)"
     if backend == "envpool" and pool_id is None:
         fail(f"--env-backend envpool: {why}")
     if backend == "auto":  # said in one line, so a slow dm_control run is never a silent surprise
         backend = "envpool" if pool_id else "dm_control"
         print(f"backend auto -> {backend}: {why}")
+    if backend == "dm_control" and env_id not in dmc:  # a Gymnasium id: made once, so a missing dependency is one line
+        try:
+            with warnings.catch_warnings():  # Gymnasium's deprecation warning for the ids it no longer makes
+                warnings.simplefilter("ignore")
+                gym.make(env_id).close()
+        except Exception as e:
+            fail(f"--env-id {env_id!r} cannot be made: {str(e).splitlines()[0][:200]}")
     if backend == "dm_control" and env_id not in dmc and gym.spec(env_id).max_episode_steps is None:
         fail(f"--env-id {env_id!r} has no time limit (max_episode_steps) in Gymnasium, so its episodes may never end")
     return backend
