@@ -853,10 +853,11 @@ def main(args):
                 step = global_step + (unroll * T + t + 1) * N
                 loop["train_return"] = log_episodes(writer, ended, step, loop["train_return"])
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
-            if iteration == loop["iteration"] + 1 and unroll == 0:  # a run of days says so after its first unroll
-                warn_if_long(args, (time.time() - iteration_start) / (T * N) * (args.total_timesteps - global_step))
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
+        if iteration == loop["iteration"] + 1:  # a run of days says so at its first update step (paced with the rollout)
+            steps_per_update = steps_per_iteration / (args.num_minibatches * args.update_epochs)
+            warn_if_long(args, rollout_time / steps_per_iteration, optimizer, steps_per_update)
 
         if settings.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
             obs_rms.update(obs[:, :T], settings.obs_stats_accumulation == "cumulative")
@@ -1219,11 +1220,21 @@ def eta(loop, done, total, refits_left=0):
     return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
 
 
-def warn_if_long(args, seconds_left):
-    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
-    if seconds_left > 86_400:
-        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
-              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
+def warn_if_long(args, seconds_per_step, optimizer=None, steps_per_update=1):
+    """One line when the run would take more than a day here at `seconds_per_step` per env step (SAC: its first 1000
+    steps with updates), naming a preset that fits. Given the `optimizer` (PPO: after the first rollout), it waits for
+    the first update step and adds its time, spread over the `steps_per_update` env steps each update step stands for."""
+    if optimizer is not None:
+        start = time.time()
+
+        def first_update_step(*_):
+            hook.remove()
+            warn_if_long(args, seconds_per_step + (time.time() - start) / steps_per_update)
+
+        hook = optimizer.register_step_post_hook(first_update_step)
+    elif seconds_per_step * args.total_timesteps > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_per_step * args.total_timesteps / 86_400:.1f} "
+              f"days here; the `cpu` preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}")
 
 
 def crossed(global_step, steps, every):

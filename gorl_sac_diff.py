@@ -754,7 +754,7 @@ def main(args):
         log_point = crossed(global_step, N, 1000) or stage_end  # log every 1000 env steps
         if log_point:
             if args.learning_starts + 1000 <= global_step < args.learning_starts + 2000:  # a run of days says so now
-                warn_if_long(args, (time.time() - step_start) / 1000 * (args.total_timesteps - global_step))
+                warn_if_long(args, (time.time() - step_start) / 1000)
             loop["train_time"] += time.time() - step_start
             sps = int(global_step / loop["train_time"])
             for stats in (q_stats, pi_stats):
@@ -1106,11 +1106,21 @@ def eta(loop, done, total, refits_left=0):
     return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
 
 
-def warn_if_long(args, seconds_left):
-    """One line when the run would take more than a day here (estimated from its first steps), and a preset that fits."""
-    if seconds_left > 86_400:
-        print(f"warning: at its first steps' pace this run takes about {seconds_left / 86_400:.1f} days here; the `cpu` "
-              f"preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}", flush=True)
+def warn_if_long(args, seconds_per_step, optimizer=None, steps_per_update=1):
+    """One line when the run would take more than a day here at `seconds_per_step` per env step (SAC: its first 1000
+    steps with updates), naming a preset that fits. Given the `optimizer` (PPO: after the first rollout), it waits for
+    the first update step and adds its time, spread over the `steps_per_update` env steps each update step stands for."""
+    if optimizer is not None:
+        start = time.time()
+
+        def first_update_step(*_):
+            hook.remove()
+            warn_if_long(args, seconds_per_step + (time.time() - start) / steps_per_update)
+
+        hook = optimizer.register_step_post_hook(first_update_step)
+    elif seconds_per_step * args.total_timesteps > 86_400:
+        print(f"warning: at its first steps' pace this run takes about {seconds_per_step * args.total_timesteps / 86_400:.1f} "
+              f"days here; the `cpu` preset fits a CPU: python {os.path.basename(__file__)} cpu --env-id {args.env_id}")
 
 
 def crossed(global_step, steps, every):

@@ -115,14 +115,25 @@ def test_eta_counts_evaluations_and_the_refits_left():
 
 def test_a_run_of_days_warns_after_its_first_steps(tmp_path):
     script = load_script("ppo_gaussian.py")
-    args = script.Args(env_id="CheetahRun")
-    for seconds, warned in [(86_400 * 1.5, True), (3_600, False)]:
+    args = script.Args(env_id="CheetahRun", total_timesteps=8_640_000)  # at 0.01 s a step: one day
+    for seconds_per_step, warned in [(0.015, True), (0.005, False)]:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            script.warn_if_long(args, seconds)
+            script.warn_if_long(args, seconds_per_step)
         assert ("about 1.5 days" in out.getvalue() and "python ppo_gaussian.py cpu --env-id CheetahRun" in out.getvalue()) == warned
-    # In the loops: a budget no machine runs in a day warns as soon as the first unroll (SAC: 1000 steps of updates) is
-    # timed; the tiny runs above and below never do.
+    # With an optimizer (PPO): nothing until its first update step, then once, with that step's time added.
+    weight = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        script.warn_if_long(args, 0.01, optimizer, steps_per_update=1e9)
+        assert out.getvalue() == ""
+        for _ in range(2):
+            weight.sum().backward()
+            optimizer.step()
+    assert out.getvalue().count("warning: ") == 1 and "about 1.0 days" in out.getvalue(), out.getvalue()
+    # In the loops: a budget no machine runs in a day warns at the first update step (SAC: after 1000 steps of updates);
+    # the tiny runs above and below never do.
     sac = ["--env-id", "CartpoleBalance", "--env-backend", "dm_control", "--num-envs", "2", "--batch-size", "32",
            "--learning-starts", "100", "--utd-ratio", "1", "--num-eval-envs", "2", "--eval-every", "1000"]
     for name, args in [("ppo_gaussian.py", TINY), ("sac_gaussian.py", sac)]:
