@@ -766,6 +766,27 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
     return decoder
 
 
+def refit_seconds(args, obs_dim, action_dim, seconds_per_env_step, episode_steps):
+    """What a refit takes before one has run (for the ETA): its env steps at the training rollout's pace, and its Adam
+    steps at the time of 3 steps of a throwaway decoder on random data, on the CPU's own forked RNG (the run's draws
+    stay what they were)."""
+    with torch.random.fork_rng(devices=[]):
+        decoder = Decoder(obs_dim, action_dim, args.decoder_hidden)
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+        rows = args.decoder_batch_size * SAMPLES_PER_ACTION
+        batch = [torch.randn(rows, obs_dim), torch.randn(rows, action_dim), torch.randn(rows, action_dim), torch.rand(rows, 1)]
+        start = time.time()
+        for _ in range(3):
+            loss = decoder.loss(*batch).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        seconds_per_adam_step = (time.time() - start) / 3
+    data_steps = args.refine_episodes * episode_steps
+    adam_steps = args.decoder_steps or args.decoder_epochs * math.ceil(0.9 * data_steps / args.decoder_batch_size)
+    return data_steps * seconds_per_env_step + adam_steps * seconds_per_adam_step
+
+
 def eval_after_refit(policy, args, backend, device, writer, loop):
     """The new decoder with the restarted encoder, before any update: what the refit alone keeps of the stage's return."""
     refit_return = evaluate(policy, args.env_id, backend, args.num_eval_envs, args.seed + EVAL_SEED_OFFSET, device)[0]
@@ -858,6 +879,8 @@ def main(args):
         if iteration == loop["iteration"] + 1:  # a run of days says so at its first update step (paced with the rollout)
             steps_per_update = steps_per_iteration / (args.num_minibatches * args.update_epochs)
             warn_if_long(args, rollout_time / steps_per_iteration, optimizer, steps_per_update)
+            loop["refit_estimate"] = refit_seconds(args, obs_dim, action_dim, rollout_time / steps_per_iteration,
+                                                   envs.max_episode_steps)
 
         if settings.obs_stats_timing == "legacy_pre_update":  # upstream FPO: the batch is merged before the update on it
             obs_rms.update(obs[:, :T], settings.obs_stats_accumulation == "cumulative")
@@ -1213,11 +1236,13 @@ def finish(args, run_name, envs, writer, loop):
 
 def eta(loop, done, total, refits_left=0):
     """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
-    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    each refit left at the mean time of the refits so far, or before the first one ends at `loop["refit_estimate"]`
+    (without one, the refits left are named)."""
     minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
-    if refits_left and not loop.get("refit_time"):
+    refit = loop["refit_time"] / loop["stage"] if loop.get("stage") else loop.get("refit_estimate")
+    if refits_left and refit is None:
         return f"ETA={minutes:.1f}min+{refits_left}x refit"
-    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+    return f"ETA={minutes + refits_left * (refit or 0) / 60:.1f}min"
 
 
 def warn_if_long(args, seconds_per_step, optimizer=None, steps_per_update=1):

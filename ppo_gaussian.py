@@ -760,11 +760,13 @@ def finish(args, run_name, envs, writer, loop):
 
 def eta(loop, done, total, refits_left=0):
     """The time left: the steps (or iterations) left at the mean time per step so far, training and evaluations, plus
-    each refit left at the mean time of the refits so far (until the first one ends, the refits left are named)."""
+    each refit left at the mean time of the refits so far, or before the first one ends at `loop["refit_estimate"]`
+    (without one, the refits left are named)."""
     minutes = (total - done) / done * (loop["train_time"] + loop["eval_time"]) / 60
-    if refits_left and not loop.get("refit_time"):
+    refit = loop["refit_time"] / loop["stage"] if loop.get("stage") else loop.get("refit_estimate")
+    if refits_left and refit is None:
         return f"ETA={minutes:.1f}min+{refits_left}x refit"
-    return f"ETA={minutes + refits_left * loop.get('refit_time', 0) / max(loop.get('stage', 0), 1) / 60:.1f}min"
+    return f"ETA={minutes + refits_left * (refit or 0) / 60:.1f}min"
 
 
 def warn_if_long(args, seconds_per_step, optimizer=None, steps_per_update=1):

@@ -33,8 +33,8 @@ def test_a_run_ends_with_its_summary_and_a_refit_is_announced_after_its_iteratio
     assert first_iteration < announced < fitted, lines  # the stage's last iteration, then the refit, start to end
     run_dir = os.path.relpath(only_run_dir(tmp_path), tmp_path)
     assert lines[-2].startswith("done in ") and "eval/episodic_return=" in lines[-2] and "at step 256" in lines[-2], lines
-    # Each iteration line says at which step its evaluation ran; until the refit is timed, the ETA names it.
-    assert "(at step 128) " in lines[first_iteration] and lines[first_iteration].endswith("+1x refit"), lines
+    # Each iteration line says at which step its evaluation ran; before the refit, the ETA counts its estimate.
+    assert "(at step 128) " in lines[first_iteration] and lines[first_iteration].endswith("min"), lines
     assert "(at step 256) " in lines[-3] and lines[-3].endswith("min"), lines
     model = f"{run_dir}/gorl_ppo_fm.cleanrl_model"
     assert lines[-1] == f"logs: {run_dir}; evaluate again: python gorl_ppo_fm.py --eval-checkpoint {model}", lines
@@ -108,7 +108,9 @@ def test_eta_counts_evaluations_and_the_refits_left():
     script = load_script("gorl_ppo_fm.py")
     loop = {"train_time": 60.0, "eval_time": 60.0, "refit_time": 0.0, "stage": 0}
     assert script.eta(loop, 2, 4) == "ETA=2.0min"  # 2 iterations left at (60 + 60) s / 2 each
-    assert script.eta(loop, 2, 4, refits_left=2) == "ETA=2.0min+2x refit"  # no refit timed yet: named, not guessed
+    assert script.eta(loop, 2, 4, refits_left=2) == "ETA=2.0min+2x refit"  # no refit timed or estimated: named
+    loop.update(refit_estimate=60.0)
+    assert script.eta(loop, 2, 4, refits_left=2) == "ETA=4.0min"  # before the first refit: its estimate
     loop.update(refit_time=120.0, stage=1)
     assert script.eta(loop, 2, 4, refits_left=2) == "ETA=6.0min"  # and 2 more of the 120 s one
 
@@ -236,3 +238,14 @@ def test_a_longer_resumed_gorl_run_goes_on_in_its_stage(tmp_path):
     assert r.returncode == 0 and "iter 6/6 global_step=768" in r.stdout and "refit" not in r.stdout, r.stdout + r.stderr
     loop = torch.load(tmp_path / checkpoint, weights_only=True)["loop"]
     assert loop["stage"] == 1 and loop["global_step"] == 768, loop
+
+
+def test_a_refit_is_estimated_before_it_runs_without_changing_the_run():
+    script = load_script("gorl_ppo_fm.py")
+    args = script.Args(refine_episodes=32, refine_num_envs=16, decoder_epochs=200, decoder_batch_size=1024)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    seconds = script.refit_seconds(args, 24, 6, 1e-3, 1000)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random draws are untouched
+    # 32,000 env steps at 1 ms, then 200 epochs of 29 Adam steps (28,800 training actions in batches of 1,024)
+    assert seconds > 32.0 and seconds < 32.0 + 200 * 29 * 1.0, seconds
