@@ -437,7 +437,8 @@ def main(args):
     else:
         loop.update(restore(checkpoint, modules))  # an older checkpoint may lack a counter: it starts at its default
     global_step = loop["global_step"]
-    for iteration in range(loop["iteration"] + 1, num_iterations + 1):
+    first_iteration = loop["iteration"] + 1  # of this process: the one whose pace warns of a run of days
+    for iteration in range(first_iteration, num_iterations + 1):
         iteration_start = time.time()
         torch.set_num_threads(rollout_threads)
         for unroll in range(U):
@@ -460,7 +461,7 @@ def main(args):
             obs[unroll, T] = torch.as_tensor(next_obs, device=device)
         global_step += steps_per_iteration
         rollout_time = time.time() - iteration_start
-        if iteration == loop["iteration"] + 1:  # a run of days says so at its first update step (paced with the rollout)
+        if iteration == first_iteration:  # a run of days says so at its first update step (paced with the rollout)
             steps_per_update = steps_per_iteration / (args.num_minibatches * args.update_epochs)
             warn_if_long(args, rollout_time / steps_per_iteration, optimizer, steps_per_update)
 

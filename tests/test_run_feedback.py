@@ -249,3 +249,12 @@ def test_a_refit_is_estimated_before_it_runs_without_changing_the_run():
     assert torch.equal(torch.get_rng_state(), state)  # the run's random draws are untouched
     # 32,000 env steps at 1 ms, then 200 epochs of 29 Adam steps (28,800 training actions in batches of 1,024)
     assert seconds > 32.0 and seconds < 32.0 + 200 * 29 * 1.0, seconds
+
+
+def test_the_pace_is_taken_once_a_run(tmp_path, capsys, monkeypatch):
+    calls = []
+    script = load_script("gorl_ppo_fm.py")
+    monkeypatch.setattr(script.torch.optim.Adam, "register_step_post_hook", lambda self, hook: calls.append(hook) or
+                        type("Handle", (), {"remove": lambda self: None})())
+    code, out, _ = run_inprocess("gorl_ppo_fm.py", [*TINY, *REFIT, "--total-timesteps", "512"], tmp_path, capsys, monkeypatch)
+    assert code == 0 and len(calls) == 1, (len(calls), out)  # 4 iterations, one warning check
