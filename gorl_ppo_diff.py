@@ -768,20 +768,22 @@ def refine_decoder(sample_z, decoder, args, backend, device, writer, loop):
 
 def refit_seconds(args, obs_dim, action_dim, seconds_per_env_step, episode_steps):
     """What a refit takes before one has run (for the ETA): its env steps at the training rollout's pace, and its Adam
-    steps at the time of 3 steps of a throwaway decoder on random data, on the CPU's own forked RNG (the run's draws
-    stay what they were)."""
+    steps at the fastest of 5 steps of a throwaway decoder on random data, after one to warm up (a busy machine's slow
+    steps are not the rule), on the CPU's own forked RNG (the run's draws stay what they were)."""
     with torch.random.fork_rng(devices=[]):
         decoder = Decoder(obs_dim, action_dim, args.decoder_hidden)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
         rows = args.decoder_batch_size * SAMPLES_PER_ACTION
         batch = [torch.randn(rows, obs_dim), torch.randn(rows, action_dim), torch.randn(rows, action_dim), torch.rand(rows, 1)]
-        start = time.time()
-        for _ in range(3):
+        times = []
+        for _ in range(6):
+            start = time.time()
             loss = decoder.loss(*batch).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        seconds_per_adam_step = (time.time() - start) / 3
+            times.append(time.time() - start)
+        seconds_per_adam_step = min(times[1:])
     data_steps = args.refine_episodes * episode_steps
     adam_steps = args.decoder_steps or args.decoder_epochs * math.ceil(0.9 * data_steps / args.decoder_batch_size)
     return data_steps * seconds_per_env_step + adam_steps * seconds_per_adam_step
