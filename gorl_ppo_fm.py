@@ -220,7 +220,7 @@ class Args:
         iteration = segments * self.unroll_length
         if int(self.total_timesteps * min(self.stage_weights) / sum(self.stage_weights)) < iteration:
             smallest = int(iteration * sum(self.stage_weights) / min(self.stage_weights)) - 2
-            while int(smallest * min(self.stage_weights) / sum(self.stage_weights)) < iteration:  # as main splits the steps
+            while int(smallest * min(self.stage_weights) / sum(self.stage_weights)) < iteration:  # as stage_iterations splits
                 smallest += 1
             fail(f"each stage of --total-timesteps {self.total_timesteps} needs 1 iteration ({iteration}): "
                  f"--total-timesteps {smallest} is the smallest that works")
@@ -384,6 +384,13 @@ def stage_settings(args, stage):
     settings.obs_stats_accumulation = pick(args.obs_stats_accumulation, None)
     settings.obs_stats_timing = pick(args.obs_stats_timing, None)
     return settings
+
+
+def stage_iterations(args, steps_per_iteration):
+    """The last iteration of each stage: --total-timesteps split by --stage-weights (the paper's 2 2 1 1 of 180M: 60M,
+    60M, 30M, 30M), each stage in whole iterations."""
+    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights]
+    return list(np.cumsum([steps // steps_per_iteration for steps in stage_steps]))
 
 
 def release_evaluations(stage_ends, evals_per_stage):
@@ -786,8 +793,7 @@ def eval_after_refit(policy, args, backend, device, writer, loop):
 def main(args):
     checkpoint, backend, device, writer, run_name = setup(args, load_policy)
     steps_per_iteration = args.batch_size * args.num_minibatches * args.unroll_length
-    stage_steps = [int(args.total_timesteps * w / sum(args.stage_weights)) for w in args.stage_weights]
-    stage_ends = list(np.cumsum([steps // steps_per_iteration for steps in stage_steps]))  # the last iteration of each
+    stage_ends = stage_iterations(args, steps_per_iteration)
     num_iterations = stage_ends[-1]
     evaluations = release_evaluations(stage_ends, args.evals_per_stage)  # empty: every --eval-every steps
     checkpoint_every = args.checkpoint_every or max(args.total_timesteps // 10, 1)
@@ -809,16 +815,6 @@ def main(args):
     decoder = first_decoder(args, obs_dim, action_dim, device)
     best = {"return": -float("inf"), "agent": copy.deepcopy(agent), "obs_rms": copy.deepcopy(obs_rms)}
 
-    def eval_and_log(global_step):
-        start = time.time()
-        video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        seed = args.seed + EVAL_SEED_OFFSET
-        policy = eval_policy(agent, obs_rms, decoder)
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
-        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
-        remember_best(best, mean, agent, obs_rms)
-
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
     # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
     U = args.batch_size * args.num_minibatches // args.num_envs
@@ -836,7 +832,8 @@ def main(args):
     loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_time": 0.0, "refit_time": 0.0, "eval_step": 0,
             "eval_return": float("nan"), "train_return": float("nan"), "stage": 0, "refine_steps": 0}
     if checkpoint is None:
-        eval_and_log(0)
+        mean = eval_and_log(eval_policy(agent, obs_rms, decoder), 0, args, backend, device, writer, run_name, loop)
+        remember_best(best, mean, agent, obs_rms)
     else:
         loop.update(restore(checkpoint, modules))  # an older checkpoint may lack a counter: it starts at its default
         best["return"] = loop["best_return"]
@@ -896,8 +893,10 @@ def main(args):
                     global_step)
         due = iteration in evaluations if args.evals_per_stage else crossed(global_step, steps_per_iteration, args.eval_every)
         stage_end = iteration >= stage_ends[loop["stage"]]  # `>=`: a resumed run given more steps moves the stage ends
-        if due or stage_end:
-            eval_and_log(global_step)  # GoRL also evaluates at every stage end
+        if due or stage_end:  # GoRL also evaluates at every stage end
+            policy = eval_policy(agent, obs_rms, decoder)
+            mean = eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop)
+            remember_best(best, mean, agent, obs_rms)
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
               f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) "
               f"{eta(loop, iteration, num_iterations, len(stage_ends) - 1 - loop['stage'])}")
@@ -1164,6 +1163,18 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
+
+
+def eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop):
+    """The deterministic evaluation of `policy` at `global_step`, on the evaluation seeds (with --capture-video, a video):
+    logs eval/episodic_return and its std, keeps the return, its step and the time taken in `loop`; returns the return."""
+    start = time.time()
+    video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+    seed = args.seed + EVAL_SEED_OFFSET
+    mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
+    log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
+    loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
+    return mean
 
 
 def save_checkpoint(args, backend, run_name, modules, loop):

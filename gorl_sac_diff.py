@@ -687,15 +687,6 @@ def main(args):
     # Stage 0 decodes with the identity (a fresh decoder); no RL gradient ever reaches a decoder.
     decoder = Decoder(obs_dim, action_dim, args.decoder_hidden).to(device).requires_grad_(False)
 
-    def eval_and_log(global_step):
-        start = time.time()
-        video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        policy = eval_policy(sac.actor, obs_rms, decoder)
-        seed = args.seed + EVAL_SEED_OFFSET
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
-        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
-
     buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
 
@@ -710,7 +701,7 @@ def main(args):
             "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
             "obs_dim": obs_dim, "action_dim": action_dim, "stage": 0, "stage_start": 0, "refine_steps": 0}
     if checkpoint is None:
-        eval_and_log(0)
+        eval_and_log(eval_policy(sac.actor, obs_rms, decoder), 0, args, backend, device, writer, run_name, loop)
     else:
         loop.update(restore(checkpoint, run_modules()))  # an older checkpoint may lack a counter: it starts at its default
         with torch.no_grad():
@@ -766,7 +757,8 @@ def main(args):
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("gorl/stage", loop["stage"], global_step)
             if global_step >= loop["next_eval"] or stage_end:  # GoRL also evaluates at every stage end
-                eval_and_log(global_step)
+                policy = eval_policy(sac.actor, obs_rms, decoder)
+                eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop)
                 loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
                 print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
                       f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) "
@@ -1038,6 +1030,18 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
+
+
+def eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop):
+    """The deterministic evaluation of `policy` at `global_step`, on the evaluation seeds (with --capture-video, a video):
+    logs eval/episodic_return and its std, keeps the return, its step and the time taken in `loop`; returns the return."""
+    start = time.time()
+    video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+    seed = args.seed + EVAL_SEED_OFFSET
+    mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
+    log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
+    loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
+    return mean
 
 
 def save_checkpoint(args, backend, run_name, modules, loop):

@@ -372,15 +372,6 @@ def main(args):
     agent = Agent(obs_dim, action_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-8)
 
-    def eval_and_log(global_step):
-        start = time.time()
-        video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        seed = args.seed + EVAL_SEED_OFFSET
-        policy = eval_policy(agent, obs_rms)
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
-        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
-
     # Rollout storage: U unrolls of T steps on N envs; obs has T + 1 entries so each segment carries its bootstrap obs.
     # `masks` is 0 where a step's next observation is not its successor (a truncation, EnvPool's reset step).
     U = args.batch_size * args.num_minibatches // args.num_envs
@@ -397,7 +388,7 @@ def main(args):
     loop = {"iteration": 0, "global_step": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"), "eval_step": 0,
             "train_return": float("nan")}
     if checkpoint is None:
-        eval_and_log(0)
+        eval_and_log(eval_policy(agent, obs_rms), 0, args, backend, device, writer, run_name, loop)
     else:
         loop.update(restore(checkpoint, modules))  # an older checkpoint may lack a counter: it starts at its default
     global_step = loop["global_step"]
@@ -448,7 +439,7 @@ def main(args):
         log_scalars(writer, {"charts/SPS": sps, "perf/rollout_SPS": int(steps_per_iteration / rollout_time)}, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         if crossed(global_step, steps_per_iteration, args.eval_every) or iteration == num_iterations:
-            eval_and_log(global_step)
+            eval_and_log(eval_policy(agent, obs_rms), global_step, args, backend, device, writer, run_name, loop)
         print(f"iter {iteration}/{num_iterations} global_step={global_step} SPS={sps} train_return={loop['train_return']:.1f} "
               f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) {eta(loop, iteration, num_iterations)}")
         loop.update(iteration=iteration, global_step=global_step, obs_dim=obs_dim, action_dim=action_dim)
@@ -700,6 +691,18 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
+
+
+def eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop):
+    """The deterministic evaluation of `policy` at `global_step`, on the evaluation seeds (with --capture-video, a video):
+    logs eval/episodic_return and its std, keeps the return, its step and the time taken in `loop`; returns the return."""
+    start = time.time()
+    video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+    seed = args.seed + EVAL_SEED_OFFSET
+    mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
+    log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
+    loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
+    return mean
 
 
 def save_checkpoint(args, backend, run_name, modules, loop):

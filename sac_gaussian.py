@@ -387,15 +387,6 @@ def main(args):
     compiled = args.compile == "on" or args.compile == "auto" and device.type == "cuda"
     update = compile_update(sac_update, device) if compiled else sac_update
 
-    def eval_and_log(global_step):
-        start = time.time()
-        video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
-        policy = eval_policy(sac.actor, obs_rms)
-        seed = args.seed + EVAL_SEED_OFFSET
-        mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
-        log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
-        loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
-
     buffer_size = min(args.buffer_size, args.total_timesteps)
     rb = ReplayBuffer(buffer_size, obs_dim, action_dim, device)
 
@@ -410,7 +401,7 @@ def main(args):
             "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
             "obs_dim": obs_dim, "action_dim": action_dim}
     if checkpoint is None:
-        eval_and_log(0)
+        eval_and_log(eval_policy(sac.actor, obs_rms), 0, args, backend, device, writer, run_name, loop)
     else:
         loop.update(restore(checkpoint, run_modules()))  # an older checkpoint may lack a counter: it starts at its default
         with torch.no_grad():
@@ -464,7 +455,7 @@ def main(args):
             pi_stats = []
             writer.add_scalar("charts/SPS", sps, global_step)
             if global_step >= loop["next_eval"] or step == num_steps:
-                eval_and_log(global_step)
+                eval_and_log(eval_policy(sac.actor, obs_rms), global_step, args, backend, device, writer, run_name, loop)
                 loop["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
                 print(f"global_step={global_step} SPS={sps} updates={loop['updates']} train_return={loop['train_return']:.1f} "
                       f"eval_return={loop['eval_return']:.1f} (at step {loop['eval_step']}) {eta(loop, step, num_steps)}")
@@ -720,6 +711,18 @@ def evaluate(policy, env_id, backend, num_envs, seed, device, video_path=None, f
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimwrite(video_path, frames, fps=30, macro_block_size=1)
     return float(returns.mean()), float(returns.std())
+
+
+def eval_and_log(policy, global_step, args, backend, device, writer, run_name, loop):
+    """The deterministic evaluation of `policy` at `global_step`, on the evaluation seeds (with --capture-video, a video):
+    logs eval/episodic_return and its std, keeps the return, its step and the time taken in `loop`; returns the return."""
+    start = time.time()
+    video_path = f"videos/{run_name}/step_{global_step}.mp4" if args.capture_video else None
+    seed = args.seed + EVAL_SEED_OFFSET
+    mean, std = evaluate(policy, args.env_id, backend, args.num_eval_envs, seed, device, video_path)
+    log_scalars(writer, {"eval/episodic_return": mean, "eval/episodic_return_std": std}, global_step)
+    loop.update(eval_return=mean, eval_step=global_step, eval_time=loop["eval_time"] + time.time() - start)
+    return mean
 
 
 def save_checkpoint(args, backend, run_name, modules, loop):

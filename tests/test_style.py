@@ -21,10 +21,10 @@ PLUMBING_BANNER = ("# ---- plumbing: the same in every script, and not the algor
                    "logging) ----")
 MAIN_LINE = 'if __name__ == "__main__":\n    main(parse_args())\n'
 # Ceilings, not targets (line and diff sizes are reported by docs/implementation.md, not asserted): readable code first.
-MAX_PLUMBING = 360
-MAX_LINES = 1300
+MAX_PLUMBING = 370
+MAX_LINES = 1310
 MAX_TUPLE_PACKING = 5  # `a, b = x, y` assignments per script; unpacking what a call returns is fine
-MAX_FUNCTION = 140  # lines of the longest function or class method
+MAX_FUNCTION = 130  # lines of the longest function or class method
 DIFF_PAIRS = [("ppo_gaussian.py", "gorl_ppo_fm.py"), ("gorl_ppo_fm.py", "gorl_ppo_diff.py"), ("ppo_gaussian.py", "fpo.py"),
               ("ppo_gaussian.py", "dppo.py"), ("sac_gaussian.py", "gorl_sac_diff.py")]
 
