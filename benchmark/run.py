@@ -61,8 +61,20 @@ def finished(path, cmd):
     return bool(rows) and rows[0][2].split(" ")[1:] == [os.path.basename(cmd[1]), *cmd[2:]]
 
 
-def write_csv(path, run_dir, cmd, seconds):
-    """tag,step,value rows of the run's kept scalars, then its command and wall clock."""
+def run_seconds(run_dir):
+    """The run's wall clock over all its launches, not the time between them: each launch (a resumed run's too) writes
+    its own events file, from its first event (the writer's start) to its last."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    seconds = 0.0
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        times = [event.wall_time for event in EventFileLoader(path).Load()]
+        seconds += max(times) - min(times)
+    return seconds
+
+
+def write_csv(path, run_dir, cmd):
+    """tag,step,value rows of the run's kept scalars, then its command and wall clock (`run_seconds`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
@@ -75,7 +87,7 @@ def write_csv(path, run_dir, cmd, seconds):
             for event in acc.Scalars(tag):
                 out.writerow([tag, event.step, f"{event.value:.6g}"])
         out.writerow(["command", 0, " ".join(["python", os.path.basename(cmd[1]), *cmd[2:]])])
-        out.writerow(["wall_clock_seconds", 0, f"{seconds:.0f}"])
+        out.writerow(["wall_clock_seconds", 0, f"{run_seconds(run_dir):.0f}"])
 
 
 # The flags a resumed run may take anew (the scripts' `may_differ` but --total-timesteps, which a grid's run keeps).
@@ -304,7 +316,7 @@ def conclude(args, script, task, seed, cmd, proc, log, seconds):
     if proc.returncode != 0:
         return False
     run_dir = max(glob.glob(os.path.join(args.runs, f"{task}__{script}__{seed}__*")), key=os.path.getmtime)
-    write_csv(csv_path(args, script, task, seed), run_dir, cmd, seconds)
+    write_csv(csv_path(args, script, task, seed), run_dir, cmd)
     os.remove(log.name)
     return True
 

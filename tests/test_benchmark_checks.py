@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +103,19 @@ def test_check_flags_asks_each_script_and_task_once(monkeypatch):
     args = argparse.Namespace(**{**vars(run.arguments([])), "tasks": ["CartpoleBalance"]})
     run.check_flags(args, [("ppo_gaussian", "CartpoleBalance", seed) for seed in range(1, 11)])
     assert len(parsed) == 1
+
+
+
+def test_a_resumed_runs_wall_clock_is_the_sum_of_its_launches_not_the_time_between_them(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Two launches of one run, each its own events file: 100 s, then (resumed) 50 s. Their events overlap in time
+    # here, so the span over both files (100) and the last launch alone (50) are both wrong answers.
+    start = time.time()  # before each writer's own first event, so the spans are exactly the scalars' walltimes
+    for launch, seconds in enumerate([100.0, 50.0]):
+        writer = SummaryWriter(str(tmp_path), filename_suffix=f".{launch}")
+        writer.add_scalar("charts/SPS", 1, 1, walltime=start)
+        writer.add_scalar("charts/SPS", 1, 2, walltime=start + seconds)
+        writer.close()
+    assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2
+    assert 149.9 < run.run_seconds(str(tmp_path)) < 150.1
