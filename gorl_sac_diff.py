@@ -697,9 +697,8 @@ def main(args):
                 "obs_rms": obs_rms, "rb": rb, "decoder": decoder}
 
     loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"),
-            "eval_step": 0, "refit_time": 0.0,
-            "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
-            "obs_dim": obs_dim, "action_dim": action_dim, "stage": 0, "stage_start": 0, "refine_steps": 0}
+            "eval_step": 0, "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
+            "obs_dim": obs_dim, "action_dim": action_dim, "stage": 0, "stage_start": 0, "refine_steps": 0, "refit_time": 0.0}
     if checkpoint is None:
         eval_and_log(eval_policy(sac.actor, obs_rms, decoder), 0, args, backend, device, writer, run_name, loop)
     else:

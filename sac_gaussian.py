@@ -397,8 +397,7 @@ def main(args):
                 "obs_rms": obs_rms, "rb": rb}
 
     loop = {"step": 0, "global_step": 0, "updates": 0, "train_time": 0.0, "eval_time": 0.0, "eval_return": float("nan"),
-            "eval_step": 0,
-            "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
+            "eval_step": 0, "train_return": float("nan"), "next_eval": args.eval_every, "next_checkpoint": checkpoint_every,
             "obs_dim": obs_dim, "action_dim": action_dim}
     if checkpoint is None:
         eval_and_log(eval_policy(sac.actor, obs_rms), 0, args, backend, device, writer, run_name, loop)
