@@ -146,7 +146,8 @@ def presets(env_id):
     """The named settings: `python dppo.py [paper|cpu|release] --env-id CheetahRun` (any flag overrides them).
     paper: Args' defaults, DPPO as published, at the paper's scale (180M steps on 2048 envs).
     cpu: the same algorithm at a budget two CPU cores run in under an hour: 3M steps on 16 envs, 8 minibatches of 16
-      segments and 8 epochs per iteration, learning rate 1e-3 and gamma 0.99, 30 evaluations of 32 episodes.
+      segments and 8 epochs per iteration, learning rate 1e-3 and gamma 0.99, an evaluation of 32 episodes every 100k
+      steps.
     release: the settings of the paper's DPPO row (clip 0.2, upstream FPO's normalizer), on DPPO as published (the row
       itself ran FPO's `denoising_mdp` mode; docs/reproducing.md).
     FingerSpin takes the released runs' gamma 0.95 in cpu and release."""

@@ -143,9 +143,9 @@ def presets(env_id):
     """The named settings: `python fpo.py [paper|cpu|release] --env-id CheetahRun` (any flag overrides them).
     paper: Args' defaults, FPO as the paper's Table 1 row describes it, at the paper's scale (180M steps on 2048 envs).
     cpu: the same algorithm at a budget two CPU cores run in under an hour: 3M steps on 16 envs, 8 minibatches of 16
-      segments and 8 epochs per iteration, gamma 0.99, 30 evaluations of 32 episodes. The learning rate stays the
-      paper's 3e-4: at PPO's CPU-sized 1e-3, CheetahRun's policy diverged at 0.7M steps (approx-KL 1.7, 11, 98 in three
-      iterations, then a non-finite loss).
+      segments and 8 epochs per iteration, gamma 0.99, an evaluation of 32 episodes every 100k steps. The learning rate
+      stays the paper's 3e-4: at PPO's CPU-sized 1e-3, CheetahRun's policy diverged at 0.7M steps (approx-KL 1.7, 11,
+      98 in three iterations, then a non-finite loss).
     release: the paper's FPO row as the authors ran it (upstream FPO): its observation normalizer.
     FingerSpin takes the released runs' gamma 0.95 in cpu and release."""
     paper = Args(env_id=env_id)

@@ -143,7 +143,7 @@ def presets(env_id):
     paper: Args' defaults, the paper's PPO at the paper's scale (180M steps on 2048 envs).
     cpu: the same algorithm at a budget two CPU cores run in about 20 minutes: 3M steps on 16 envs, 8 minibatches of 16
       segments and 8 epochs per iteration, with the learning rate 1e-3, clip 0.2 and gamma 0.99 that so small a batch
-      needs, no entropy bonus, and 30 evaluations of 32 episodes.
+      needs, no entropy bonus, and an evaluation of 32 episodes every 100k steps.
     release: the paper's PPO row as the authors ran it (upstream FPO's PPO): the tanh entropy term and its normalizer.
     FingerSpin takes the released runs' gamma 0.95 in cpu and release."""
     paper = Args(env_id=env_id)
