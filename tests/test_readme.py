@@ -48,6 +48,16 @@ def test_the_front_page_fits_in_a_few_screens_and_links_every_docs_page():
         assert f"({page})" in readme and os.path.exists(os.path.join(ROOT, page)), page
 
 
+# Words that tell how the pages came to be rather than what is true: who ran what, when, in which sitting or ticket.
+HISTORY = r"(?i)\b(sessions?|issues? #?\d+|the issue|tickets?|earlier runs?|previously|used to|no longer|I (did|found|ran|tried))\b"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_say_what_is_true_now_not_how_it_came_to_be(page):
+    found = sorted({match.group(0) for match in re.finditer(HISTORY, read(page))})
+    assert not found, f"{page}: {found}"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_command_parses_with_its_scripts_own_parser_and_checks(page):
     found = commands(page)
