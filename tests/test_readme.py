@@ -52,6 +52,13 @@ def test_the_front_page_fits_in_a_few_screens_and_links_every_docs_page():
 HISTORY = r"(?i)\b(sessions?|issues? #?\d+|the issue|tickets?|earlier runs?|previously|used to|no longer|I (did|found|ran|tried))\b"
 
 
+def test_every_readme_command_fits_on_a_short_line_after_the_install_prefix():
+    for block in re.findall(r"```bash\n(.*?)\n```", read("README.md"), flags=re.S):
+        for line in block.splitlines():
+            command = line.split("&&")[-1].split("  #")[0].strip()
+            assert len(command) <= 120, command
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_pages_say_what_is_true_now_not_how_it_came_to_be(page):
     found = sorted({match.group(0) for match in re.finditer(HISTORY, read(page))})
