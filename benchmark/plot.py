@@ -1,14 +1,14 @@
 """Curves, a results table and GoRL's refit and stage table from the CSVs benchmark/run.py keeps (nothing else).
 
-    python benchmark/plot.py --study study3m             # into a scratch directory, which it prints
-    python benchmark/plot.py --study study3m --update    # into benchmark/results/study3m/, the committed ones
+    python benchmark/plot.py --study cpu3m             # into a scratch directory, which it prints
+    python benchmark/plot.py --study cpu3m --update    # into benchmark/results/cpu3m/, the committed ones
 
 Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in a scratch directory (`--out`, or with
 `--update` the study's directory, next to the CSVs, where the committed figure and tables are), `curves.png`
 (deterministic evaluation return against env steps, mean and min-max over seeds, one panel per task, GoRL's refits
-dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run) and
-`stages.md` (per GoRL run: the evaluation at each stage's end, right after each refit and their ratio; per task and
-method, the median stage ends and the refits' median and lowest ratio).
+dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run, and the paper's
+Table 1 for the tasks it has) and `stages.md` (per GoRL run: the evaluation at each stage's end, right after each
+refit and their ratio; per task and method, the median stage ends and the refits' median and lowest ratio).
 """
 import argparse
 import csv
@@ -22,6 +22,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"ppo_gaussian": "PPO", "fpo": "FPO", "dppo": "DPPO", "gorl_ppo_diff": "GoRL-Diff", "gorl_ppo_fm": "GoRL-FM",
          "sac_gaussian": "SAC", "gorl_sac_diff": "GoRL-SAC-Diff"}
+# The paper's Table 1 (final return at 180M steps, mean +- std over 5 seeds, MuJoCo Playground's JAX ports on GPUs).
+PAPER_TASKS = ["CheetahRun", "FingerSpin", "FingerTurnHard", "FishSwim", "HopperStand", "WalkerWalk"]
+PAPER_TABLE1 = {
+    "ppo_gaussian": ["724.8 +- 155.7", "539.0 +- 146.6", "738.7 +- 114.5", "433.7 +- 73.6", "286.1 +- 273.1", "825.7 +- 79.7"],
+    "fpo": ["599.2 +- 297.5", "56.1 +- 124.5", "752.1 +- 55.4", "204.7 +- 191.5", "3.9 +- 1.8", "29.0 +- 4.3"],
+    "dppo": ["559.8 +- 100.0", "694.1 +- 191.6", "633.8 +- 88.2", "143.5 +- 26.3", "2.1 +- 0.8", "345.6 +- 64.5"],
+    "gorl_ppo_diff": ["902.2 +- 2.2", "844.7 +- 59.4", "884.6 +- 27.0", "608.6 +- 22.1", "874.6 +- 38.8", "909.0 +- 30.5"],
+    "gorl_ppo_fm": ["883.4 +- 19.9", "903.9 +- 104.1", "860.8 +- 14.9", "641.0 +- 13.1", "733.7 +- 223.8", "919.6 +- 60.9"],
+}
 
 
 def load(directory):
@@ -97,6 +106,17 @@ def results_table(runs):
             cells.append(f"{finals.mean():.1f} +- {finals.std():.1f} ({len(finals)})" if len(finals) else "-")
         lines.append(f"| {NAMES.get(script, script)} | " + " | ".join(cells) + f" | {np.mean(sps):,.0f} | "
                      f"{np.mean(seconds) / 60:.0f} min |")
+    paper_tasks = [t for t in tasks if t in PAPER_TASKS]
+    if paper_tasks:  # the paper's numbers beside ours, labelled with how much larger its budget is
+        budget = max(run["eval/episodic_return"][-1][0] for (task, _), seeds in runs.items() if task in paper_tasks
+                     for run in seeds.values())
+        caption = (f"The paper's Table 1 for these tasks: 180M steps, {180e6 / budget:.0f}x the {budget / 1e6:.1f}M steps of "
+                   "these runs (5 seeds; MuJoCo Playground's JAX ports on GPUs, not dm_control):")
+        header = "| method | " + " | ".join(f"{t} at 180M steps" for t in paper_tasks) + " |"
+        lines += ["", caption, "", header, "|---" * (len(paper_tasks) + 1) + "|"]
+        for script, row in PAPER_TABLE1.items():
+            cells = [row[PAPER_TASKS.index(t)] for t in paper_tasks]
+            lines.append(f"| {NAMES[script]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
