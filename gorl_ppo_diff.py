@@ -233,7 +233,7 @@ def presets(env_id):
     cpu: the same method at a budget two CPU cores run in about half an hour: 3M steps in the same 2:2:1:1 stages, on 16
       envs with 8 minibatches of 16 segments and 8 epochs per iteration, clip 0.2 and gamma 0.99 for so small a batch, no
       entropy bonus or gradient clipping, an evaluation of 32 episodes every 100k steps, and refits on 32 episodes fit
-      for 200 epochs (50 epochs over 32 episodes undertrain a decoder that the paper fits on 4096; docs/gorl-stages.md).
+      for 200 epochs (50 epochs over 32 episodes undertrain a decoder that the paper fits on 4096; docs/cpu-preset.md).
     release: the authors' released run of `env_id` (docs/reproducing.md): the KL's moments form, refit data from the
       stage's best encoder, a fresh encoder in stage 0 and the stage's best after, per-stage and per-task settings.
     FingerSpin takes the released runs' gamma 0.95 in cpu and release."""
