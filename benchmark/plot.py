@@ -9,6 +9,11 @@ Reads `benchmark/results/<study>/<task>__<script>__<seed>.csv` and writes, in a 
 dotted), `results.md` (final evaluation, mean +- std over seeds, training SPS and wall clock per run, and the paper's
 Table 1 for the tasks it has) and `stages.md` (per GoRL run: the evaluation at each stage's end, right after each
 refit and their ratio; per task and method, the median stage ends and the refits' median and lowest ratio).
+
+    python benchmark/plot.py --study cpu3m --ablations cpu3m_refine_latent cpu3m_no_reset cpu3m_beta0 --update
+
+also writes `ablations.md`: each ablation study (the preset's command plus one switch, `benchmark/run.py ... -- FLAGS`)
+against the study's own runs of the same task and script, with the paper's direction for that switch.
 """
 import argparse
 import csv
@@ -30,6 +35,12 @@ PAPER_TABLE1 = {
     "dppo": ["559.8 +- 100.0", "694.1 +- 191.6", "633.8 +- 88.2", "143.5 +- 26.3", "2.1 +- 0.8", "345.6 +- 64.5"],
     "gorl_ppo_diff": ["902.2 +- 2.2", "844.7 +- 59.4", "884.6 +- 27.0", "608.6 +- 22.1", "874.6 +- 38.8", "909.0 +- 30.5"],
     "gorl_ppo_fm": ["883.4 +- 19.9", "903.9 +- 104.1", "860.8 +- 14.9", "641.0 +- 13.1", "733.7 +- 223.8", "919.6 +- 60.9"],
+}
+# What the paper finds for each mechanism ablation (ICML text, Sec. 4.3, FingerSpin; the KL sweep is v1's Sec. 4.3.1).
+PAPER_ABLATIONS = {
+    "--refine-input latent": "lower: repeated drops after refits (Fig. 4a)",
+    "--encoder-reset none": "lower: drops right after refits, most after the third (Fig. 4b)",
+    "--beta 0": "lower: learning destabilizes early (v1 Fig. 5, CheetahRun)",
 }
 
 
@@ -146,6 +157,59 @@ def stages_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def flags(directory, task, script, seed):
+    """What the run's command adds to the preset's own (`python SCRIPT.py cpu --env-id TASK --seed N`)."""
+    with open(os.path.join(directory, f"{task}__{script}__{seed}.csv")) as f:
+        command = next(row["value"] for row in csv.DictReader(f) if row["tag"] == "command")
+    preset = f"python {script}.py cpu --env-id {task} --seed {seed}"
+    if not command.startswith(preset):
+        raise SystemExit(f"error: {directory} {task} {script} seed {seed} is not a run of the cpu preset: {command!r}")
+    return command[len(preset):].strip()
+
+
+def summary(seeds):
+    """Final evaluation mean +- std (seeds), the refits' after / before median (min) and the median stage ends."""
+    finals = np.array([run["eval/episodic_return"][-1][1] for run in seeds.values()])
+    ratios = [after / before for run in seeds.values() for _, before, after in refits(run) if before > 0]
+    ends = [[before for _, before, _ in refits(run)] + [run["eval/episodic_return"][-1][1]] for run in seeds.values()]
+    cells = [f"{finals.mean():.1f} +- {finals.std():.1f} ({len(finals)})"]
+    cells.append(f"{np.median(ratios):.2f} ({min(ratios):.2f})" if ratios else "-")
+    cells.append(", ".join(f"{e:.1f}" for e in np.median(ends, 0)) if len({len(e) for e in ends}) == 1 else "-")
+    return finals, cells
+
+
+def ablations_table(results, study, runs, ablations):
+    """Per task and script, the study's own runs (the default), then each ablation study's: a difference counts where
+    the seeds' final evaluations do not overlap."""
+    lines = ["| task | method | study | flags | final eval | refits after / before median (min) | median stage ends "
+             "| the paper | at this budget |", "|---" * 9 + "|"]
+    for task, script in sorted({key for abl_runs in ablations.values() for key in abl_runs}):
+        if (task, script) not in runs:
+            raise SystemExit(f"error: {study} has no {script} runs on {task} to set the ablations against")
+        name = NAMES.get(script, script)
+        default, cells = summary(runs[task, script])
+        lines.append(f"| {task} | {name} | {study} | (default) | " + " | ".join(cells) + " | | |")
+        for ablation, abl_runs in ablations.items():
+            seeds = abl_runs.get((task, script))
+            if not seeds:
+                continue
+            switches = {flags(os.path.join(results, ablation), task, script, seed) for seed in seeds}
+            if len(switches) != 1 or not switches <= set(PAPER_ABLATIONS):
+                raise SystemExit(f"error: {ablation} is not one of the paper's ablations {list(PAPER_ABLATIONS)}: "
+                                 f"its runs add {sorted(switches)}")
+            switch = switches.pop()
+            finals, cells = summary(seeds)
+            if finals.max() < default.min():
+                verdict = "lower (seeds do not overlap)"
+            elif finals.min() > default.max():
+                verdict = "higher (seeds do not overlap)"
+            else:
+                verdict = "does not separate (seeds overlap)"
+            lines.append(f"| {task} | {name} | {ablation} | `{switch}` | " + " | ".join(cells) +
+                         f" | {PAPER_ABLATIONS[switch]} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="default")
@@ -153,23 +217,33 @@ def main():
     where = p.add_mutually_exclusive_group()
     where.add_argument("--update", action="store_true", help="write next to the CSVs: the study's committed figure "
                        "and tables")
+    p.add_argument("--ablations", nargs="+", default=[], help="studies of the paper's ablations to set against this "
+                   "one's runs of the same task and script (writes ablations.md)")
     where.add_argument("--out", help="the directory to write to (default: <tmp>/gorl-clean-plots/<study>)")
     args = p.parse_args()
     directory = os.path.join(args.results, args.study)
     runs = load(directory)
     if not runs:
         raise SystemExit(f"error: no run CSVs in {directory!r}")
+    ablations = {}
+    for ablation in args.ablations:
+        ablations[ablation] = load(os.path.join(args.results, ablation))
+        if not ablations[ablation]:
+            raise SystemExit(f"error: no run CSVs in {os.path.join(args.results, ablation)!r}")
     # A look at a study in progress must not change its committed figure and tables: only --update writes there.
     out = args.out or os.path.join(tempfile.gettempdir(), "gorl-clean-plots", args.study)
     if args.update:
         out = directory
     os.makedirs(out, exist_ok=True)
     curves(runs, os.path.join(out, "curves.png"))
-    for name, text in [("results.md", results_table(runs)), ("stages.md", stages_table(runs))]:
+    tables = [("results.md", results_table(runs)), ("stages.md", stages_table(runs))]
+    if ablations:
+        tables.append(("ablations.md", ablations_table(args.results, args.study, runs, ablations)))
+    for name, text in tables:
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
         print(text)
-    print(f"wrote curves.png, results.md and stages.md in {out}" + ("" if args.update else
+    print(f"wrote curves.png and {', '.join(name for name, _ in tables)} in {out}" + ("" if args.update else
           f" (a scratch directory: --update writes them into {directory})"))
 
 

@@ -24,6 +24,16 @@ def studies_shown(pages=PAGES):
     return sorted(found)
 
 
+def ablation_studies(study):
+    """The ablation studies the study's committed ablations.md sets against its runs (its `study` column)."""
+    path = os.path.join(ROOT, "benchmark", "results", study, "ablations.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        names = [line.split(" | ")[2] for line in f if line.startswith("| ") and "(default)" not in line]
+    return sorted(set(names) - {"study"}, key=names.index)
+
+
 def command_of(path):
     with open(path) as f:
         return next(row["value"] for row in csv.DictReader(f) if row["tag"] == "command")
@@ -44,10 +54,16 @@ def test_every_run_the_pages_show_is_the_presets_own_command(study):
 
 @pytest.mark.parametrize("study", studies_shown(EVERY_PAGE))
 def test_the_committed_tables_are_what_plot_py_writes_from_the_csvs(study, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "plot.py"), "--study", study, "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+    tables = ["results.md", "stages.md"]
+    ablations = ablation_studies(study)
+    if ablations:
+        tables.append("ablations.md")
+    command = [sys.executable, os.path.join(ROOT, "benchmark", "plot.py"), "--study", study, "--out", str(tmp_path)]
+    if ablations:
+        command += ["--ablations", *ablations]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
     assert r.returncode == 0, r.stderr
-    for table in ["results.md", "stages.md"]:
+    for table in tables:
         with open(os.path.join(ROOT, "benchmark", "results", study, table)) as f:
             committed = f.read()
         assert (tmp_path / table).read_text() == committed, (study, table)
@@ -61,3 +77,36 @@ def test_the_results_table_puts_the_papers_table1_beside_ours_with_the_budget_ra
     assert "180M steps, 60x the 3.0M steps of these runs" in table
     assert "| method | HopperStand at 180M steps |" in table  # only the paper's tasks
     assert "| GoRL-FM | 733.7 +- 223.8 |" in table and "| PPO | 286.1 +- 273.1 |" in table
+
+
+def write_run(directory, task, script, seed, command, finals):
+    """A CSV as benchmark/run.py keeps it: the command, one refit and the evaluations."""
+    directory.mkdir(exist_ok=True)
+    rows = ["tag,step,value", f"command,0,{command}", "wall_clock_seconds,0,60"]
+    rows += [f"eval/episodic_return,{step},{value}" for step, value in finals]
+    rows += [f"gorl/eval_after_refit,{finals[1][0]},{finals[1][1] / 2}"]
+    (directory / f"{task}__{script}__{seed}.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_the_ablation_table_sets_each_switch_against_the_default_and_counts_only_seeds_that_do_not_overlap(tmp_path):
+    plot = load_script("benchmark/plot.py")
+    for seed, end in [(1, 500.0), (2, 600.0)]:
+        write_run(tmp_path / "base", "FingerSpin", "gorl_ppo_fm", seed, f"python gorl_ppo_fm.py cpu --env-id FingerSpin --seed {seed}",
+                  [(0, 1.0), (100, 200.0), (200, end)])
+    for seed, end in [(1, 100.0), (2, 550.0)]:  # beta 0 ends below both default seeds; no reset overlaps them
+        write_run(tmp_path / "beta0", "FingerSpin", "gorl_ppo_fm", seed,
+                  f"python gorl_ppo_fm.py cpu --env-id FingerSpin --seed {seed} --beta 0", [(0, 1.0), (100, 200.0), (200, end / 5)])
+        write_run(tmp_path / "none", "FingerSpin", "gorl_ppo_fm", seed,
+                  f"python gorl_ppo_fm.py cpu --env-id FingerSpin --seed {seed} --encoder-reset none", [(0, 1.0), (100, 200.0), (200, end)])
+    runs = plot.load(tmp_path / "base")
+    ablations = {name: plot.load(tmp_path / name) for name in ["beta0", "none"]}
+    table = plot.ablations_table(str(tmp_path), "base", runs, ablations)
+    assert "| FingerSpin | GoRL-FM | base | (default) | 550.0 +- 50.0 (2) | 0.50 (0.50) | 200.0, 550.0 | | |" in table
+    assert "| beta0 | `--beta 0` | 65.0 +- 45.0 (2) | 0.50 (0.50) | 200.0, 65.0 | lower: learning destabilizes early" in table
+    assert table.endswith("| lower (seeds do not overlap) |\n| FingerSpin | GoRL-FM | none | `--encoder-reset none` | 325.0 +- 225.0 (2) | "
+                          "0.50 (0.50) | 200.0, 325.0 | lower: drops right after refits, most after the third (Fig. 4b) | "
+                          "does not separate (seeds overlap) |\n")
+    write_run(tmp_path / "other", "FingerSpin", "gorl_ppo_fm", 1, "python gorl_ppo_fm.py cpu --env-id FingerSpin --seed 1 --beta 0.1",
+              [(0, 1.0), (100, 200.0), (200, 9.0)])
+    with pytest.raises(SystemExit, match="not one of the paper's ablations"):  # a switch the paper did not ablate
+        plot.ablations_table(str(tmp_path), "base", runs, {"other": plot.load(tmp_path / "other")})
