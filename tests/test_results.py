@@ -110,3 +110,14 @@ def test_the_ablation_table_sets_each_switch_against_the_default_and_counts_only
               [(0, 1.0), (100, 200.0), (200, 9.0)])
     with pytest.raises(SystemExit, match="not one of the paper's ablations"):  # a switch the paper did not ablate
         plot.ablations_table(str(tmp_path), "base", runs, {"other": plot.load(tmp_path / "other")})
+
+
+def test_the_readme_embeds_the_results_table_of_every_figure_it_shows():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    studies = re.findall(r"benchmark/results/(\w+)/curves\.png", readme)
+    assert studies
+    for study in studies:
+        with open(os.path.join(ROOT, "benchmark", "results", study, "results.md")) as f:
+            table = f.read().strip()
+        assert table in readme, f"README.md's table for {study} is not benchmark/results/{study}/results.md"
