@@ -12,8 +12,9 @@ refit and their ratio; per task and method, the median stage ends and the refits
 
     python benchmark/plot.py --study cpu3m --ablations cpu3m_refine_latent cpu3m_no_reset cpu3m_beta0 --update
 
-also writes `ablations.md`: each ablation study (the preset's command plus one switch, `benchmark/run.py ... -- FLAGS`)
-against the study's own runs of the same task and script, with the paper's direction for that switch.
+also writes `ablations.md` and `ablations.png` (the paper's Figure 4 at this budget): each ablation study (the preset's
+command plus one switch, `benchmark/run.py ... -- FLAGS`) against the study's own runs of the same task and script, with
+the paper's direction for that switch.
 """
 import argparse
 import csv
@@ -77,23 +78,41 @@ def refits(run):
 
 
 def curves(runs, path):
+    """One panel per task, one line per script."""
+    tasks = sorted({task for task, _ in runs})
+    panels = {}
+    for task in tasks:
+        panels[task] = [(NAMES.get(script, script), runs[task, script]) for script in order({s for t, s in runs if t == task})]
+    draw(panels, path)
+
+
+def ablation_curves(study, runs, ablations, path):
+    """One panel per task and script the ablations ran: the study's own runs beside each ablation study's (Fig. 4)."""
+    panels = {}
+    for task, script in sorted({key for abl_runs in ablations.values() for key in abl_runs}):
+        lines = [(f"{study} (default)", runs[task, script])]
+        lines += [(ablation, abl_runs[task, script]) for ablation, abl_runs in ablations.items() if (task, script) in abl_runs]
+        panels[f"{task}, {NAMES.get(script, script)}"] = lines
+    draw(panels, path)
+
+
+def draw(panels, path):
+    """{title: [(label, {seed: run})]}: one panel per title, each line the mean and min-max over seeds, refits dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({task for task, _ in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for i, script in enumerate(order({s for t, s in runs if t == task})):
-            seeds = runs[task, script]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for i, (label, seeds) in enumerate(lines):
             steps = sorted(set.intersection(*(set(evals(r)) for r in seeds.values())))  # evaluated by every seed
             ys = np.array([[evals(r)[s] for s in steps] for r in seeds.values()])
-            ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"{NAMES.get(script, script)} ({len(seeds)} seeds)")
+            ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"{label} ({len(seeds)} seeds)")
             ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
             for step, _, _ in refits(next(iter(seeds.values()))):
                 ax.axvline(step, color=f"C{i}", linestyle=":", linewidth=1, alpha=0.7)
-        ax.set_title(task)
+        ax.set_title(title)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic evaluation return")
         ax.grid(alpha=0.3)
@@ -239,11 +258,13 @@ def main():
     tables = [("results.md", results_table(runs)), ("stages.md", stages_table(runs))]
     if ablations:
         tables.append(("ablations.md", ablations_table(args.results, args.study, runs, ablations)))
+        ablation_curves(args.study, runs, ablations, os.path.join(out, "ablations.png"))
     for name, text in tables:
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
         print(text)
-    print(f"wrote curves.png and {', '.join(name for name, _ in tables)} in {out}" + ("" if args.update else
+    figures = "curves.png and ablations.png" if ablations else "curves.png"
+    print(f"wrote {figures} and {', '.join(name for name, _ in tables)} in {out}" + ("" if args.update else
           f" (a scratch directory: --update writes them into {directory})"))
 
 

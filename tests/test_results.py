@@ -112,6 +112,24 @@ def test_the_ablation_table_sets_each_switch_against_the_default_and_counts_only
         plot.ablations_table(str(tmp_path), "base", runs, {"other": plot.load(tmp_path / "other")})
 
 
+def test_the_ablation_figure_draws_each_ablation_beside_the_default_in_one_panel_per_task_and_script(tmp_path, monkeypatch):
+    plot = load_script("benchmark/plot.py")
+    for name, flag in [("base", ""), ("beta0", " --beta 0"), ("latent", " --refine-input latent")]:
+        for seed in [1, 2]:
+            write_run(tmp_path / name, "FingerSpin", "gorl_ppo_fm", seed,
+                      f"python gorl_ppo_fm.py cpu --env-id FingerSpin --seed {seed}{flag}", [(0, 1.0), (100, 200.0), (200, 300.0)])
+    runs = plot.load(tmp_path / "base")
+    ablations = {name: plot.load(tmp_path / name) for name in ["beta0", "latent"]}
+    plot.ablation_curves("base", runs, ablations, str(tmp_path / "ablations.png"))
+    assert (tmp_path / "ablations.png").read_bytes().startswith(b"\x89PNG")
+    drawn = {}
+    monkeypatch.setattr(plot, "draw", lambda panels, path: drawn.update(panels))
+    plot.ablation_curves("base", runs, ablations, str(tmp_path / "ablations.png"))
+    assert [(label, sorted(seeds)) for label, seeds in drawn["FingerSpin, GoRL-FM"]] == [
+        ("base (default)", [1, 2]), ("beta0", [1, 2]), ("latent", [1, 2])]
+    assert list(drawn) == ["FingerSpin, GoRL-FM"]
+
+
 def test_the_readme_embeds_the_results_table_of_every_figure_it_shows():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
