@@ -127,7 +127,7 @@ class Args:
     beta: float = 1e-3
     """coefficient of the KL-to-prior penalty KL(pi(z|s) || N(0, I)) (paper Eq. 3)"""
     encoder_reset: Literal["prior", "none"] = "prior"
-    """the encoder at each stage start: restarted at the prior N(0, I) (paper Sec. 3) or kept (`none`, ablation Sec. 4.3.2)"""
+    """at each stage start after the first: the encoder restarted at the prior N(0, I) (Sec. 3) or kept (`none`, Sec. 4.3.2)"""
     refine_episodes: int = 4096
     """full episodes collected by the stage's encoder to refit the decoder (not counted in global_step)"""
     refine_num_envs: int = 64
@@ -380,7 +380,8 @@ def stage_settings(args, stage):
     settings.ent_coef = pick(args.stage_ent_coefs, args.ent_coef)
     settings.max_grad_norm = pick(args.stage_max_grad_norms, args.max_grad_norm)
     settings.beta = pick(args.stage_betas, args.beta)
-    settings.encoder_reset = pick(args.stage_encoder_resets, args.encoder_reset)
+    # Stage 0 starts at the prior either way: `none` (the ablation of Sec. 4.3.2) drops only the restarts after it.
+    settings.encoder_reset = pick(args.stage_encoder_resets, "prior" if stage == 0 else args.encoder_reset)
     settings.obs_stats_accumulation = pick(args.obs_stats_accumulation, None)
     settings.obs_stats_timing = pick(args.obs_stats_timing, None)
     return settings
