@@ -133,9 +133,10 @@ def test_the_ablation_figure_draws_each_ablation_beside_the_default_in_one_panel
 def test_the_readme_embeds_the_results_table_of_every_figure_it_shows():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    studies = re.findall(r"benchmark/results/(\w+)/curves\.png", readme)
-    assert studies
-    for study in studies:
-        with open(os.path.join(ROOT, "benchmark", "results", study, "results.md")) as f:
+    figures = re.findall(r"benchmark/results/(\w+)/(curves|ablations)\.png", readme)
+    assert "curves" in [figure for _, figure in figures]
+    for study, figure in figures:
+        name = "results.md" if figure == "curves" else "ablations.md"
+        with open(os.path.join(ROOT, "benchmark", "results", study, name)) as f:
             table = f.read().strip()
-        assert table in readme, f"README.md's table for {study} is not benchmark/results/{study}/results.md"
+        assert table in readme, f"README.md's table beside {study}/{figure}.png is not benchmark/results/{study}/{name}"
