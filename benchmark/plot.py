@@ -96,6 +96,12 @@ def ablation_curves(study, runs, ablations, path):
     draw(panels, path)
 
 
+def line_colors(panels):
+    """{label: color}: a method keeps its color in every panel, in the order the methods first appear."""
+    labels = list(dict.fromkeys(label for lines in panels.values() for label, _ in lines))
+    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
 def draw(panels, path):
     """{title: [(label, {seed: run})]}: one panel per title, each line the mean and min-max over seeds, refits dotted."""
     import matplotlib
@@ -104,14 +110,16 @@ def draw(panels, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    colors = line_colors(panels)
     for ax, (title, lines) in zip(axes[0], panels.items()):
-        for i, (label, seeds) in enumerate(lines):
+        for label, seeds in lines:
+            color = colors[label]
             steps = sorted(set.intersection(*(set(evals(r)) for r in seeds.values())))  # evaluated by every seed
             ys = np.array([[evals(r)[s] for s in steps] for r in seeds.values()])
-            ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"{label} ({len(seeds)} seeds)")
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
+            ax.plot(steps, ys.mean(0), color=color, label=f"{label} ({len(seeds)} seeds)")
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.15)
             for step, _, _ in refits(next(iter(seeds.values()))):
-                ax.axvline(step, color=f"C{i}", linestyle=":", linewidth=1, alpha=0.7)
+                ax.axvline(step, color=color, linestyle=":", linewidth=1, alpha=0.7)
         ax.set_title(title)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic evaluation return")
