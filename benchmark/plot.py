@@ -116,7 +116,8 @@ def draw(panels, path):
             color = colors[label]
             steps = sorted(set.intersection(*(set(evals(r)) for r in seeds.values())))  # evaluated by every seed
             ys = np.array([[evals(r)[s] for s in steps] for r in seeds.values()])
-            ax.plot(steps, ys.mean(0), color=color, label=f"{label} ({len(seeds)} seeds)")
+            seed_word = "seed" if len(seeds) == 1 else "seeds"
+            ax.plot(steps, ys.mean(0), color=color, label=f"{label} ({len(seeds)} {seed_word})")
             ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.15)
             for step, _, _ in refits(next(iter(seeds.values()))):
                 ax.axvline(step, color=color, linestyle=":", linewidth=1, alpha=0.7)

@@ -133,20 +133,22 @@ def test_the_ablation_figure_draws_each_ablation_beside_the_default_in_one_panel
     assert list(drawn) == ["FingerSpin, GoRL-FM"]
 
 
-def test_a_method_keeps_its_color_in_every_panel_of_a_figure(tmp_path, monkeypatch):
+def test_a_method_keeps_its_color_in_every_panel_and_its_legend_counts_its_seeds(tmp_path, monkeypatch):
     import matplotlib.axes
 
     plot = load_script("benchmark/plot.py")
-    write_run(tmp_path, "CheetahRun", "ppo_gaussian", 1, "python ppo_gaussian.py cpu --env-id CheetahRun --seed 1", [(0, 1.0), (100, 2.0)])
+    for seed in (1, 2):
+        write_run(tmp_path, "CheetahRun", "ppo_gaussian", seed, f"python ppo_gaussian.py cpu --env-id CheetahRun --seed {seed}", [(0, 1.0), (100, 2.0)])
     runs = plot.load(tmp_path)
     seeds = runs["CheetahRun", "ppo_gaussian"]
-    panels = {"CheetahRun": [("PPO", seeds), ("FPO", seeds), ("GoRL-FM", seeds)], "HopperStand": [("PPO", seeds), ("GoRL-FM", seeds)]}
+    one_seed = {1: seeds[1]}
+    panels = {"CheetahRun": [("PPO", seeds), ("FPO", one_seed), ("GoRL-FM", seeds)], "HopperStand": [("PPO", seeds), ("GoRL-FM", seeds)]}
     drawn = []
     plot_line = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: drawn.append((kw["label"], kw["color"])) or plot_line(ax, *a, **kw))
     plot.draw(panels, str(tmp_path / "curves.png"))
-    assert drawn == [("PPO (1 seeds)", "C0"), ("FPO (1 seeds)", "C1"), ("GoRL-FM (1 seeds)", "C2"),
-                     ("PPO (1 seeds)", "C0"), ("GoRL-FM (1 seeds)", "C2")]
+    assert drawn == [("PPO (2 seeds)", "C0"), ("FPO (1 seed)", "C1"), ("GoRL-FM (2 seeds)", "C2"),
+                     ("PPO (2 seeds)", "C0"), ("GoRL-FM (2 seeds)", "C2")]
 
 
 def test_the_readme_embeds_the_results_table_of_every_figure_it_shows():
