@@ -109,9 +109,13 @@ def draw(panels, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    columns = min(len(panels), 3)  # rows of at most 3 panels stay readable at the README's width
+    rows = int(np.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:  # the last row's empty places
+        ax.set_axis_off()
     colors = line_colors(panels)
-    for ax, (title, lines) in zip(axes[0], panels.items()):
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
         for label, seeds in lines:
             color = colors[label]
             steps = sorted(set.intersection(*(set(evals(r)) for r in seeds.values())))  # evaluated by every seed

@@ -151,6 +151,18 @@ def test_a_method_keeps_its_color_in_every_panel_and_its_legend_counts_its_seeds
                      ("PPO (2 seeds)", "C0"), ("GoRL-FM (2 seeds)", "C2")]
 
 
+def test_the_curve_figure_wraps_its_panels_in_rows_of_three(tmp_path):
+    plot = load_script("benchmark/plot.py")
+    write_run(tmp_path, "CheetahRun", "ppo_gaussian", 1, "python ppo_gaussian.py cpu --env-id CheetahRun --seed 1", [(0, 1.0), (100, 2.0)])
+    seeds = plot.load(tmp_path)["CheetahRun", "ppo_gaussian"]
+    sizes = []
+    for count in (2, 4):
+        plot.draw({f"task {i}": [("PPO", seeds)] for i in range(count)}, str(tmp_path / "curves.png"))
+        png = (tmp_path / "curves.png").read_bytes()
+        sizes.append((int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")))  # the IHDR chunk's width, height
+    assert sizes == [(1320, 462), (1980, 924)]  # 6 x 4.2 inches a panel at 110 dpi: one row of 2; 2 rows of 3 for 4
+
+
 def test_the_readme_embeds_the_results_table_of_every_figure_it_shows():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
